@@ -1,0 +1,88 @@
+"""The base classes that carry the block contract.
+
+Every block is an ``nn.Module`` with ``in_channels``, ``out_channels`` and ``stride`` attributes
+that maps ``(N, in_channels, H, W)`` to ``(N, out_channels, ceil(H / stride), ceil(W / stride))``
+and raises a ``ValueError`` naming itself for a wrong argument or input.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _check_positive_int(block: str, name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{block}: {name} must be a positive integer, got {value!r}")
+    return value
+
+
+def check_input(block: nn.Module, x: object, channels: int) -> None:
+    """Raise a ``ValueError`` naming ``block`` unless ``x`` is ``(N, channels, H, W)`` floating."""
+    name = type(block).__name__
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} expects a tensor of shape (N, {channels}, H, W), got {type(x)}")
+    if x.dim() != 4:
+        raise ValueError(
+            f"{name} expects a 4-D input of shape (N, {channels}, H, W), "
+            f"got shape {tuple(x.shape)}"
+        )
+    if x.shape[1] != channels:
+        raise ValueError(
+            f"{name} expects {channels} input channels, shape (N, {channels}, H, W), "
+            f"got shape {tuple(x.shape)}"
+        )
+    if not x.is_floating_point():
+        raise ValueError(f"{name} expects a floating-point input, got dtype {x.dtype}")
+
+
+class Block(nn.Module):
+    """Base of every registered block: validated ``in_channels``/``out_channels``/``stride``.
+
+    ``out_channels`` defaults to ``in_channels``. Subclasses call :meth:`check_input` first in
+    ``forward`` and :meth:`place` last in ``__init__`` (it applies ``device``/``dtype``).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int | None = None, stride: int = 1):
+        super().__init__()
+        name = type(self).__name__
+        self.in_channels = _check_positive_int(name, "in_channels", in_channels)
+        out = in_channels if out_channels is None else out_channels
+        self.out_channels = _check_positive_int(name, "out_channels", out)
+        self.stride = _check_positive_int(name, "stride", stride)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        check_input(self, x, self.in_channels)
+
+    def require(self, condition: bool, message: str) -> None:
+        """Raise ``ValueError("<BlockName>: <message>")`` unless ``condition`` holds."""
+        if not condition:
+            raise ValueError(f"{type(self).__name__}: {message}")
+
+    def place(self, device: torch.device | str | None, dtype: torch.dtype | None) -> None:
+        """Move parameters and buffers to ``device``/``dtype`` when given (end of ``__init__``)."""
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_channels={self.in_channels}, out_channels={self.out_channels}, " \
+            f"stride={self.stride}"
+
+
+class ShapePreservingBlock(Block):
+    """A block whose output has its input's shape (attention blocks, involution).
+
+    Accepts only ``out_channels in (None, in_channels)`` and ``stride == 1``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int | None = None, stride: int = 1):
+        super().__init__(in_channels, out_channels, stride)
+        self.require(
+            self.out_channels == self.in_channels,
+            f"keeps the input shape, so out_channels must be None or in_channels "
+            f"({in_channels}), got {out_channels}",
+        )
+        self.require(
+            self.stride == 1,
+            f"keeps the input shape, so stride must be 1, got {stride}",
+        )

@@ -1,0 +1,145 @@
+"""The block registry: names, paper metadata, defaults and contract notes for every block.
+
+A block joins blockzoo by decorating its class with :func:`register_block`; from then on
+:func:`create_block` builds it by name, ``blockzoo list`` shows it and the contract test suite
+(``tests/test_contract.py``) runs every contract point over it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from torch import nn
+
+KINDS = ("attention", "conv", "downsample", "block", "cell")
+Width = Literal["free", "same", "structural"]
+
+_REGISTRY: dict[str, BlockInfo] = {}
+
+
+@dataclass(frozen=True)
+class BlockInfo:
+    """What the registry knows of one block.
+
+    ``width`` says how ``out_channels`` is set: ``"free"`` (any value, default ``in_channels``),
+    ``"same"`` (must equal ``in_channels``) or ``"structural"`` (derived by the block, e.g. a dense
+    block's concatenation; ``out_channels`` may only repeat the derived value). ``strides`` are
+    the strides the block accepts. ``example_*`` is the small configuration the contract suite
+    runs. ``fullgraph`` is False only where ``torch.compile(fullgraph=True)`` cannot work, with the
+    reason in ``notes``. ``export_kwargs`` are constructor arguments used for ONNX export.
+    """
+
+    name: str
+    cls: type[nn.Module]
+    kind: str
+    paper: str
+    arxiv: str
+    year: int
+    summary: str
+    preset: dict[str, Any] = field(default_factory=dict)
+    width: Width = "free"
+    strides: tuple[int, ...] = (1, 2)
+    example_in: int = 16
+    example_out: int | None = 24
+    example_kwargs: dict[str, Any] = field(default_factory=dict)
+    fullgraph: bool = True
+    export_kwargs: dict[str, Any] = field(default_factory=dict)
+    notes: str = ""
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        """Keyword defaults of the constructor, with this entry's preset applied."""
+        params = inspect.signature(self.cls.__init__).parameters
+        skip = {"self", "in_channels", "device", "dtype"}
+        found = {
+            name: p.default
+            for name, p in params.items()
+            if name not in skip
+            and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+            and p.default is not inspect.Parameter.empty
+        }
+        found.update(self.preset)
+        return found
+
+    @property
+    def default_stride(self) -> int:
+        return int(self.defaults.get("stride", 1))
+
+    @property
+    def arxiv_url(self) -> str:
+        return f"https://arxiv.org/abs/{self.arxiv}"
+
+
+def register_block(
+    name: str,
+    *,
+    kind: str,
+    paper: str,
+    arxiv: str,
+    year: int,
+    summary: str,
+    **options: Any,
+) -> Callable[[type[nn.Module]], type[nn.Module]]:
+    """Class decorator that registers a block under ``name`` (see :class:`BlockInfo`).
+
+    May be stacked to register one class under several names with different ``preset`` kwargs.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown block kind {kind!r}; choose one of {KINDS}")
+
+    def decorate(cls: type[nn.Module]) -> type[nn.Module]:
+        if name in _REGISTRY and _REGISTRY[name].cls is not cls:
+            raise ValueError(f"block name {name!r} is already registered")
+        _REGISTRY[name] = BlockInfo(
+            name=name, cls=cls, kind=kind, paper=paper, arxiv=arxiv, year=year, summary=summary,
+            **options,
+        )
+        return cls
+
+    return decorate
+
+
+def _lookup(name: str) -> BlockInfo:
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, _REGISTRY, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise KeyError(f"unknown block {name!r}{hint} (see blockzoo.list_blocks())")
+    return _REGISTRY[name]
+
+
+def list_blocks(kind: str | None = None) -> list[str]:
+    """Sorted names of the registered blocks, optionally of one ``kind`` (see ``KINDS``)."""
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"unknown block kind {kind!r}; choose one of {KINDS}")
+    return sorted(n for n, info in _REGISTRY.items() if kind is None or info.kind == kind)
+
+
+def block_info(name: str) -> BlockInfo:
+    """The :class:`BlockInfo` of a registered block; ``KeyError`` with close matches if unknown."""
+    return _lookup(name)
+
+
+def create_block(
+    name: str,
+    in_channels: int,
+    out_channels: int | None = None,
+    stride: int | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build the block registered as ``name``.
+
+    ``stride=None`` takes the block's default (1 for every block but ``spd_conv``, whose stride is
+    its scale, 2). Extra keyword arguments go to the block's constructor.
+    """
+    info = _lookup(name)
+    kw = {**info.preset, **kwargs}
+    return info.cls(
+        in_channels,
+        out_channels=out_channels,
+        stride=info.default_stride if stride is None else stride,
+        **kw,
+    )

@@ -1,0 +1,33 @@
+"""Keep README's block table in step with the registry: ``python -m blockzoo.tools.readme``."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+from .catalog import catalog_rows
+from .formatting import format_rows
+
+START, END = "<!-- blocks:start -->", "<!-- blocks:end -->"
+
+
+def block_table() -> str:
+    """The Markdown table ``blockzoo list --format markdown`` prints."""
+    return format_rows(catalog_rows(), "markdown")
+
+
+def update_readme(path: Path) -> bool:
+    """Rewrite the table between the markers in ``path``; True when it changed."""
+    text = path.read_text()
+    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
+    if not pattern.search(text):
+        raise ValueError(f"{path} has no {START} ... {END} markers")
+    new = pattern.sub(lambda _: f"{START}\n{block_table()}\n{END}", text)
+    path.write_text(new)
+    return new != text
+
+
+if __name__ == "__main__":
+    changed = update_readme(Path(sys.argv[1] if len(sys.argv) > 1 else "README.md"))
+    print("README table updated" if changed else "README table already current")
