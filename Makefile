@@ -19,8 +19,11 @@ $(VENV)/.dev-installed: $(VENV)/.base-installed
 	$(PIP) install -q -c $(CONSTRAINTS) -e '.[dev]'
 	touch $@
 
+# The main job: compare every conv-kind and attention block against a plain 3x3 conv on CPU.
+DEMO_SIZE ?= --size 32 --batch 4
 demo: $(VENV)/.base-installed
-	$(BIN)/blockzoo list
+	$(BIN)/blockzoo compare --kind conv --kind attention $(DEMO_SIZE) --format markdown \
+		--save reports/compare.md --plot reports/compare.png
 
 lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check src tests benchmarks

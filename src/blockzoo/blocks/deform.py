@@ -1,0 +1,299 @@
+"""Deformable convolution, v1 and v2 (modulated), with their own offset predictors.
+
+- Deformable Convolutional Networks, Dai et al., ICCV 2017, arXiv 1703.06211
+- Deformable ConvNets v2: More Deformable, Better Results, Zhu et al., CVPR 2019,
+  arXiv 1811.11168
+
+The sampling itself is ``torchvision.ops.deform_conv2d``; :func:`deform_conv2d_torch` is the same
+operation written with PyTorch tensor ops (bilinear sampling by ``gather``), which exports to ONNX
+with dynamic shapes and has a deterministic backward on every device.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn.modules.utils import _pair
+from torchvision.ops import deform_conv2d as _tv_deform_conv2d
+
+from ..layers import same_padding
+from ..registry import register_block
+from .base import Block
+
+IMPLS = ("auto", "torchvision", "torch")
+
+IntPair = int | tuple[int, int]
+
+
+def _bilinear_corners(
+    py: torch.Tensor, px: torch.Tensor, h: int, w: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The four bilinear corners of sampling points ``(py, px)`` on an ``h x w`` image.
+
+    Returns ``(flat_index, weight)`` pairs: ``flat_index = y * w + x`` (0 where the corner lies
+    outside the image) and the bilinear weight, zero for a corner outside the image. This is
+    torchvision's rule: outside values are zeros, so a point at or beyond ``-1`` or ``h``
+    contributes nothing.
+    """
+    y0, x0 = py.floor(), px.floor()
+    ly, lx = py - y0, px - x0
+    corners = []
+    for cy, wy in ((y0, 1 - ly), (y0 + 1, ly)):
+        for cx, wx in ((x0, 1 - lx), (x0 + 1, lx)):
+            inside = (cy >= 0) & (cy <= h - 1) & (cx >= 0) & (cx <= w - 1)
+            index = torch.where(inside, cy * w + cx, torch.zeros_like(cy)).long()
+            corners.append((index, torch.where(inside, wy * wx, torch.zeros_like(wy))))
+    return corners
+
+
+def deform_conv2d_torch(
+    input: torch.Tensor,
+    offset: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``torchvision.ops.deform_conv2d`` in plain PyTorch ops (same arguments, same layouts).
+
+    ``offset`` is ``(N, 2 * G * kh * kw, Ho, Wo)``: for offset group ``g`` and kernel tap
+    ``t = i * kw + j`` (row-major), channel ``2 * (g * kh * kw + t)`` is the row offset ``dy`` and
+    the next channel the column offset ``dx``. ``mask`` (v2) is ``(N, G * kh * kw, Ho, Wo)``,
+    channel ``g * kh * kw + t``. Tap ``t`` of output ``(y, x)`` samples the input bilinearly at
+    ``(y * stride - padding + i * dilation + dy, x * stride - padding + j * dilation + dx)`` with
+    zeros outside the image, is multiplied by the mask, and the samples are contracted with
+    ``weight`` (``groups = C / weight.shape[1]``) as in an im2col convolution; ``bias`` is added
+    last (it is not masked).
+
+    Sampling coordinates and bilinear weights are computed in at least float32, also for
+    half-precision inputs.
+    """
+    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
+    n, c, h, w = input.shape
+    out_channels, c_per_group, kh, kw = weight.shape
+    taps = kh * kw
+    groups = c // c_per_group
+    ho, wo = offset.shape[-2:]
+    offset_groups = offset.shape[1] // (2 * taps)
+    coord_dtype = torch.promote_types(offset.dtype, torch.float32)
+
+    off = offset.to(coord_dtype).reshape(n, offset_groups, taps, 2, ho, wo)
+    grid = dict(device=input.device, dtype=coord_dtype)
+    rows = torch.arange(kh, **grid).repeat_interleave(kw) * dh  # tap t -> i * dilation
+    cols = torch.arange(kw, **grid).repeat(kh) * dw  # tap t -> j * dilation
+    base_y = rows[:, None, None] + (torch.arange(ho, **grid) * sh - ph)[None, :, None]
+    base_x = cols[:, None, None] + (torch.arange(wo, **grid) * sw - pw)[None, None, :]
+    py = base_y + off[:, :, :, 0]  # (N, G, taps, Ho, Wo)
+    px = base_x + off[:, :, :, 1]
+
+    length = taps * ho * wo
+    scale = None if mask is None else mask.to(coord_dtype).reshape(n, offset_groups, 1, length)
+    values = input.reshape(n, offset_groups, c // offset_groups, h * w)
+    columns = None
+    for index, corner_weight in _bilinear_corners(py, px, h, w):
+        index = index.reshape(n, offset_groups, 1, length)
+        sampled = values.gather(3, index.expand(-1, -1, values.shape[2], -1))
+        corner_weight = corner_weight.reshape(n, offset_groups, 1, length)
+        if scale is not None:
+            corner_weight = corner_weight * scale
+        term = sampled * corner_weight.to(input.dtype)
+        columns = term if columns is None else columns + term
+
+    # (N, C, taps, L) -> (N, groups, C / groups * taps, L), the order of weight.flatten(1)
+    columns = columns.reshape(n, groups, c_per_group * taps, ho * wo)
+    kernel = weight.reshape(groups, out_channels // groups, c_per_group * taps)
+    out = torch.matmul(kernel, columns).reshape(n, out_channels, ho, wo)
+    if bias is not None:
+        out = out + bias.reshape(1, -1, 1, 1)
+    return out
+
+
+def uses_torchvision(impl: str, x: torch.Tensor) -> bool:
+    """Whether ``impl`` runs ``torchvision.ops.deform_conv2d`` for input ``x``.
+
+    ``"auto"`` takes torchvision except where it fails or is not what the caller asked for:
+    during ``torch.onnx.export`` (the op becomes ONNX ``DeformConv``, an opset-19 operator that
+    is not valid in the opset-18 graphs blockzoo exports), for bfloat16 inputs (torchvision's
+    kernels have no bfloat16), and under ``torch.use_deterministic_algorithms(True)`` on a
+    non-CPU device (torchvision's CUDA backward accumulates with ``atomicAdd`` without checking
+    the flag; its CPU backward is deterministic). ``torch.compile(fullgraph=True)`` works with
+    the torchvision op (it has meta kernels), so compiling keeps it.
+    """
+    if impl != "auto":
+        return impl == "torchvision"
+    if torch.onnx.is_in_onnx_export() or x.dtype == torch.bfloat16:
+        return False
+    return not (torch.are_deterministic_algorithms_enabled() and x.device.type != "cpu")
+
+
+class _DeformConvBase(Block):
+    """Shared body of :class:`DeformConv2d` and :class:`ModulatedDeformConv2d`."""
+
+    modulated = False
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int | None = None,
+        stride: int = 1,
+        *,
+        kernel_size: int = 3,
+        dilation: int = 1,
+        groups: int = 1,
+        offset_groups: int = 1,
+        bias: bool = True,
+        impl: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(in_channels, out_channels, stride)
+        for name, value in (("kernel_size", kernel_size), ("dilation", dilation),
+                            ("groups", groups), ("offset_groups", offset_groups)):
+            self.require(
+                isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                f"{name} must be a positive integer, got {value!r}",
+            )
+        self.require(stride in (1, 2), f"stride must be 1 or 2, got {stride}")
+        self.require(kernel_size % 2 == 1, f"kernel_size must be odd, got {kernel_size}")
+        self.require(
+            in_channels % groups == 0 and self.out_channels % groups == 0,
+            f"in_channels ({in_channels}) and out_channels ({self.out_channels}) must be "
+            f"divisible by groups ({groups})",
+        )
+        self.require(
+            in_channels % offset_groups == 0,
+            f"in_channels ({in_channels}) must be divisible by offset_groups ({offset_groups})",
+        )
+        self.require(impl in IMPLS, f"impl must be one of {IMPLS}, got {impl!r}")
+        self.kernel_size = kernel_size
+        self.dilation = dilation
+        self.padding = same_padding(kernel_size, dilation)
+        self.groups = groups
+        self.offset_groups = offset_groups
+        self.impl = impl
+        taps = kernel_size * kernel_size
+        self.weight = nn.Parameter(
+            torch.empty(self.out_channels, in_channels // groups, kernel_size, kernel_size)
+        )
+        self.bias = nn.Parameter(torch.empty(self.out_channels)) if bias else None
+        self.offset_conv = nn.Conv2d(
+            in_channels,
+            (3 if self.modulated else 2) * offset_groups * taps,
+            kernel_size,
+            stride=stride,
+            padding=self.padding,
+            dilation=dilation,
+        )
+        self.reset_parameters()
+        self.place(device, dtype)
+
+    def reset_parameters(self) -> None:
+        """``nn.Conv2d``'s initialisation for the kernel; zeros for the offset predictor."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.weight[0].numel())
+            nn.init.uniform_(self.bias, -bound, bound)
+        nn.init.zeros_(self.offset_conv.weight)
+        nn.init.zeros_(self.offset_conv.bias)
+
+    def offsets(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Predicted ``offset`` and (v2) sigmoid ``mask`` in torchvision's layout, ``x.dtype``."""
+        out = self.offset_conv(x).to(x.dtype)
+        if not self.modulated:
+            return out, None
+        taps = self.offset_groups * self.kernel_size * self.kernel_size
+        offset, mask_logits = out.split([2 * taps, taps], dim=1)
+        return offset, torch.sigmoid(mask_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        offset, mask = self.offsets(x)
+        op = _tv_deform_conv2d if uses_torchvision(self.impl, x) else deform_conv2d_torch
+        return op(
+            x, offset, self.weight, self.bias, stride=(self.stride, self.stride),
+            padding=(self.padding, self.padding), dilation=(self.dilation, self.dilation),
+            mask=mask,
+        )
+
+    def explain(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The sampling ``offset`` ``(N, 2 * G * k * k, Ho, Wo)`` and, for v2, the ``mask``.
+
+        Layout as in torchvision: ``offset.reshape(N, G, k * k, 2, Ho, Wo)`` gives ``(dy, dx)``
+        per offset group and row-major kernel tap; ``mask`` is ``(N, G * k * k, Ho, Wo)``.
+        """
+        self.check_input(x)
+        offset, mask = self.offsets(x)
+        return {"offset": offset} if mask is None else {"offset": offset, "mask": mask}
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, kernel_size={self.kernel_size}, dilation={self.dilation}, "
+            f"groups={self.groups}, offset_groups={self.offset_groups}, "
+            f"bias={self.bias is not None}, impl={self.impl!r}"
+        )
+
+
+_DEFORM = dict(
+    kind="conv",
+    width="free",
+    strides=(1, 2),
+    export_kwargs={"impl": "torch"},
+)
+
+
+@register_block(
+    "deform_conv",
+    paper="Deformable Convolutional Networks",
+    arxiv="1703.06211",
+    year=2017,
+    summary="A convolution whose taps sample at learned, per-position fractional offsets.",
+    notes="ONNX export uses impl='torch' (plain PyTorch bilinear sampling); impl='auto' also "
+    "switches to it while exporting.",
+    **_DEFORM,
+)
+class DeformConv2d(_DeformConvBase):
+    """Deformable convolution v1 (Dai et al., arXiv 1703.06211).
+
+    Idea: each of the ``k x k`` taps of a convolution samples the input at a learned offset.
+    ``offset = offset_conv(x)`` is a ``k x k`` conv with the block's stride, padding and dilation
+    giving ``2 * offset_groups * k * k`` channels; ``y(p) = sum_t w_t * x(p * s + p_t + dp_t(p))
+    + b`` with bilinear sampling (zeros outside the image). The offset conv is zero-initialised,
+    so a fresh block is exactly the plain convolution with the same ``weight`` and ``bias``.
+
+    Shapes: ``(N, C_in, H, W) -> (N, C_out, ceil(H / s), ceil(W / s))`` with same padding
+    ``dilation * (k - 1) / 2``. Defaults: ``kernel_size=3``, ``dilation=1``, ``groups=1``,
+    ``offset_groups=1``, ``bias=True``, ``impl="auto"`` (see :func:`uses_torchvision`;
+    ``"torchvision"`` or ``"torch"`` force one implementation).
+    """
+
+
+@register_block(
+    "mdeform_conv",
+    paper="Deformable ConvNets v2: More Deformable, Better Results",
+    arxiv="1811.11168",
+    year=2019,
+    summary="Deformable convolution with a learned sigmoid modulation per tap and position.",
+    notes="ONNX export uses impl='torch' (plain PyTorch bilinear sampling); impl='auto' also "
+    "switches to it while exporting.",
+    **_DEFORM,
+)
+class ModulatedDeformConv2d(_DeformConvBase):
+    """Modulated deformable convolution, DCNv2 (Zhu et al., arXiv 1811.11168).
+
+    Idea: deformable convolution v1 plus a learned modulation scalar per tap and position.
+    ``offset_conv(x)`` gives ``3 * offset_groups * k * k`` channels: the first ``2 * G * k * k``
+    are the offsets (torchvision layout), the last ``G * k * k`` pass through a sigmoid to give
+    the mask ``m``; ``y(p) = sum_t w_t * m_t(p) * x(p * s + p_t + dp_t(p)) + b``. The offset conv
+    is zero-initialised, so a fresh block gives ``m = 0.5`` and zero offsets:
+    ``y = 0.5 * conv(x, weight) + bias`` (the bias is not modulated), i.e. exactly half the plain
+    convolution when ``bias=False``.
+
+    Shapes and defaults as :class:`DeformConv2d`.
+    """
+
+    modulated = True
+

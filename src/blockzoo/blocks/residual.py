@@ -1,0 +1,347 @@
+"""Bottleneck and residual blocks: ResNet's bottleneck and basic blocks and ResNeXt's block.
+
+- Deep Residual Learning for Image Recognition, He et al., CVPR 2016, arXiv 1512.03385
+- Aggregated Residual Transformations for Deep Neural Networks, Xie et al., CVPR 2017,
+  arXiv 1611.05431
+
+One implementation serves all four registered names: ``bottleneck`` is the three-conv body
+alone; ``residual`` adds the shortcut, the optional attention block and the ReLU after the add;
+``resnext`` is ``residual`` with ``cardinality=32, base_width=4`` (one grouped 3x3 conv);
+``basic_residual`` swaps the body for two 3x3 convs. The stride sits on the 3x3 conv (the
+"ResNet v1.5" placement of torchvision and of the ResNeXt paper; the original ResNet-50 strides
+its first 1x1 conv). ``attention=`` and ``conv=`` name registered blocks, so that networks can
+put any attention block after the last BatchNorm (SE-ResNet, GCNet) or any conv-kind block in
+place of the 3x3 conv (DY-Conv, SK, involution, ACmix, deformable ResNets).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..layers import ConvNormAct, LayerSpec, create_act, create_norm
+from ..registry import block_info, create_block, list_blocks, register_block
+from .base import Block
+
+_RESNET_PAPER = dict(
+    paper="Deep Residual Learning for Image Recognition", arxiv="1512.03385", year=2016
+)
+_BLOCK = dict(kind="block", example_in=16, example_out=32)
+
+
+def _registered(block: Block, option: str, name: str, kind: str) -> None:
+    """Raise a ``ValueError`` naming ``block`` unless ``name`` is a registered ``kind`` block."""
+    try:
+        found = f"a block of kind {block_info(name).kind!r}"
+    except KeyError:
+        found = "not a registered block"
+    block.require(
+        found == f"a block of kind {kind!r}",
+        f"{option} must name a registered {kind}-kind block (one of {list_blocks(kind)}), "
+        f"got {name!r}: {found}",
+    )
+
+
+def attention_block(
+    block: Block, attention: str | None, channels: int, kwargs: dict[str, Any] | None
+) -> nn.Module:
+    """The attention block registered as ``attention`` over ``channels`` (``None``: identity).
+
+    Raises a ``ValueError`` naming ``block`` when ``attention`` is not an attention-kind block.
+    """
+    if attention is None:
+        block.require(not kwargs, f"attention_kwargs {kwargs} given without an attention block")
+        return nn.Identity()
+    _registered(block, "attention", attention, "attention")
+    return create_block(attention, channels, **(kwargs or {}))
+
+
+def bottleneck_width(
+    block: Block,
+    out_channels: int,
+    expansion: int,
+    cardinality: int,
+    base_width: int,
+    expansion_name: str = "expansion",
+) -> int:
+    """Width of the 3x3 conv: ``floor(out / expansion * base_width / 64) * cardinality``.
+
+    This is torchvision's ``int(planes * base_width / 64) * groups`` with ``planes = out /
+    expansion``: ResNet (``cardinality=1, base_width=64``) gives ``out / 4``; ResNeXt 32x4d gives
+    ``4 * 32 = 128`` for ``out = 256``. Every group must get at least one channel.
+    """
+    for name, value in (
+        (expansion_name, expansion), ("cardinality", cardinality), ("base_width", base_width)
+    ):
+        block.require(
+            isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+            f"{name} must be a positive integer, got {value!r}",
+        )
+    per_group = out_channels * base_width // (expansion * 64)
+    block.require(
+        per_group >= 1,
+        f"the 3x3 conv gets floor({out_channels} / {expansion} * {base_width} / 64) = 0 channels "
+        f"per group; use more out_channels, a larger base_width or a smaller {expansion_name}",
+    )
+    return per_group * cardinality
+
+
+def bottleneck_body(
+    block: Block,
+    width: int,
+    *,
+    cardinality: int,
+    conv: str | None,
+    conv_kwargs: dict[str, Any] | None,
+    conv_norm_act: bool,
+    act_layer: LayerSpec,
+    norm_layer: LayerSpec,
+) -> nn.Sequential:
+    """``conv1`` 1x1 in -> width, ``conv2`` 3x3 (stride, groups) and ``conv3`` 1x1 width -> out.
+
+    Each is conv + norm; ``conv1`` and ``conv2`` are followed by the activation, ``conv3`` is not.
+    ``conv`` names a registered conv-kind block that replaces ``conv2``'s convolution, built as
+    ``create_block(conv, width, width, stride=stride, **conv_kwargs)``; the norm and activation
+    follow it unless ``conv_norm_act=False`` (for conv blocks that end in their own norm and
+    activation, as SKNet's selective-kernel conv does).
+    """
+    if conv is None:
+        block.require(not conv_kwargs, f"conv_kwargs {conv_kwargs} given without a conv block")
+        block.require(conv_norm_act, "conv_norm_act=False needs a conv block (conv=...)")
+        conv2 = ConvNormAct(
+            width, width, 3, block.stride, groups=cardinality,
+            norm_layer=norm_layer, act_layer=act_layer,
+        )
+    else:
+        _registered(block, "conv", conv, "conv")
+        conv2 = nn.Sequential(OrderedDict(
+            conv=create_block(conv, width, width, block.stride, **(conv_kwargs or {})),
+            bn=create_norm(norm_layer if conv_norm_act else None, width),
+            act=create_act(act_layer if conv_norm_act else None),
+        ))
+    return nn.Sequential(OrderedDict(
+        conv1=ConvNormAct(block.in_channels, width, 1, norm_layer=norm_layer, act_layer=act_layer),
+        conv2=conv2,
+        conv3=ConvNormAct(width, block.out_channels, 1, norm_layer=norm_layer, act_layer=None),
+    ))
+
+
+def _check_stride(block: Block) -> None:
+    block.require(block.stride in (1, 2), f"stride must be 1 or 2, got {block.stride}")
+
+
+@register_block(
+    "bottleneck",
+    **_RESNET_PAPER,
+    summary="1x1 reduce -> 3x3 -> 1x1 expand, each conv + BN (ReLU after the first two).",
+    **_BLOCK,
+)
+class Bottleneck(Block):
+    """The ResNet bottleneck without its shortcut (He et al., arXiv 1512.03385, Fig. 5 right).
+
+    ``1x1 conv in -> mid + BN + ReLU -> 3x3 conv mid -> mid (stride) + BN + ReLU -> 1x1 conv
+    mid -> out + BN``, no activation at the end. ``mid = out / reduction`` (``reduction = 4``:
+    64 -> 256 gives ``mid = 64``, 58,112 parameters); with ``cardinality``/``base_width`` the
+    3x3 conv is grouped and ``mid`` follows ResNeXt (see :func:`bottleneck_width`). ``conv``
+    names a conv-kind block that replaces the 3x3 conv (see :func:`bottleneck_body`).
+
+    Shapes: ``(N, in, H, W) -> (N, out, ceil(H / stride), ceil(W / stride))``, stride 1 or 2.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int | None = None,
+        stride: int = 1,
+        *,
+        reduction: int = 4,
+        cardinality: int = 1,
+        base_width: int = 64,
+        conv: str | None = None,
+        conv_kwargs: dict[str, Any] | None = None,
+        conv_norm_act: bool = True,
+        act_layer: LayerSpec = "relu",
+        norm_layer: LayerSpec = "batchnorm",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(in_channels, out_channels, stride)
+        _check_stride(self)
+        self.width = bottleneck_width(
+            self, self.out_channels, reduction, cardinality, base_width, "reduction"
+        )
+        self.body = bottleneck_body(
+            self, self.width, cardinality=cardinality, conv=conv, conv_kwargs=conv_kwargs,
+            conv_norm_act=conv_norm_act, act_layer=act_layer, norm_layer=norm_layer,
+        )
+        self.place(device, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        return self.body(x)
+
+
+class _ResidualBlock(Block):
+    """Shared by the residual blocks: ``act(attention(body(x)) + shortcut(x))``.
+
+    The shortcut is the identity, or a 1x1 conv (stride) + norm when the shape changes.
+    ``zero_init_last`` sets the last norm's weight of the body to zero, so that a fresh block
+    computes ``act(shortcut(x))`` (Goyal et al., arXiv 1706.02677).
+    """
+
+    def _add_shortcut(
+        self,
+        body: nn.Sequential,
+        *,
+        attention: str | None,
+        attention_kwargs: dict[str, Any] | None,
+        zero_init_last: bool,
+        act_layer: LayerSpec,
+        norm_layer: LayerSpec,
+    ) -> None:
+        self.body = body
+        self.attention = attention_block(self, attention, self.out_channels, attention_kwargs)
+        if self.in_channels == self.out_channels and self.stride == 1:
+            self.shortcut: nn.Module = nn.Identity()
+        else:
+            self.shortcut = ConvNormAct(
+                self.in_channels, self.out_channels, 1, self.stride,
+                norm_layer=norm_layer, act_layer=None,
+            )
+        self.act = create_act(act_layer)
+        if zero_init_last:
+            last_norm = body[-1].bn
+            self.require(
+                getattr(last_norm, "weight", None) is not None,
+                f"zero_init_last needs a norm layer with a weight, got {type(last_norm).__name__}",
+            )
+            nn.init.zeros_(last_norm.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        return self.act(self.attention(self.body(x)) + self.shortcut(x))
+
+
+@register_block(
+    "residual",
+    **_RESNET_PAPER,
+    summary="ResNet bottleneck residual block: 1x1-3x3-1x1 + shortcut, ReLU after the add.",
+    example_kwargs={"attention": "se"},
+    **_BLOCK,
+)
+@register_block(
+    "resnext",
+    paper="Aggregated Residual Transformations for Deep Neural Networks",
+    arxiv="1611.05431",
+    year=2017,
+    summary="ResNeXt block: bottleneck whose 3x3 conv has 32 groups of width 4, + shortcut.",
+    preset={"cardinality": 32, "base_width": 4},
+    example_kwargs={"cardinality": 4, "base_width": 16},
+    notes="the residual block with the preset cardinality=32, base_width=4.",
+    **_BLOCK,
+)
+class ResidualBottleneck(_ResidualBlock):
+    """ResNet bottleneck residual block (He et al., arXiv 1512.03385) and ResNeXt block
+    (Xie et al., arXiv 1611.05431).
+
+    ``out = relu(attention(F(x)) + shortcut(x))`` with ``F`` the :class:`Bottleneck` body
+    ``1x1 (in -> D) + BN + ReLU -> 3x3 (D -> D, stride, groups=cardinality) + BN + ReLU ->
+    1x1 (D -> out) + BN``; the shortcut is the identity, or a strided 1x1 conv + BN when the
+    shape changes (the paper's option B). The stride is on the 3x3 conv ("ResNet v1.5").
+
+    ``D = floor(out / expansion * base_width / 64) * cardinality`` (torchvision's ``width``):
+    ``residual`` (``expansion=4, cardinality=1, base_width=64``) gives ``D = out / 4``, so
+    ResNet-50's first block 64 -> 256 has 75,008 parameters with its projection shortcut;
+    ``resnext`` presets ``cardinality=32, base_width=4`` (ResNeXt 32x4d, ``D = 128`` for
+    ``out = 256``), the paper's form (c): one grouped conv equal to 32 summed paths.
+
+    ``attention`` names an attention-kind block (``"se"``, ``"gc"``, ``"coord_att"``, ...)
+    built on ``out`` channels with ``attention_kwargs`` and applied after the last BN, before
+    the add (SE-ResNet, GCNet). ``conv`` names a conv-kind block replacing the 3x3 conv (see
+    :func:`bottleneck_body`). ``zero_init_last`` zero-initialises the last BN's weight.
+
+    Shapes: ``(N, in, H, W) -> (N, out, ceil(H / stride), ceil(W / stride))``, stride 1 or 2.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int | None = None,
+        stride: int = 1,
+        *,
+        expansion: int = 4,
+        cardinality: int = 1,
+        base_width: int = 64,
+        attention: str | None = None,
+        attention_kwargs: dict[str, Any] | None = None,
+        conv: str | None = None,
+        conv_kwargs: dict[str, Any] | None = None,
+        conv_norm_act: bool = True,
+        zero_init_last: bool = False,
+        act_layer: LayerSpec = "relu",
+        norm_layer: LayerSpec = "batchnorm",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(in_channels, out_channels, stride)
+        _check_stride(self)
+        self.width = bottleneck_width(self, self.out_channels, expansion, cardinality, base_width)
+        self.cardinality = cardinality
+        body = bottleneck_body(
+            self, self.width, cardinality=cardinality, conv=conv, conv_kwargs=conv_kwargs,
+            conv_norm_act=conv_norm_act, act_layer=act_layer, norm_layer=norm_layer,
+        )
+        self._add_shortcut(
+            body, attention=attention, attention_kwargs=attention_kwargs,
+            zero_init_last=zero_init_last, act_layer=act_layer, norm_layer=norm_layer,
+        )
+        self.place(device, dtype)
+
+
+@register_block(
+    "basic_residual",
+    **_RESNET_PAPER,
+    summary="ResNet basic residual block: two 3x3 convs + shortcut, ReLU after the add.",
+    **_BLOCK,
+)
+class BasicResidual(_ResidualBlock):
+    """ResNet basic residual block (He et al., arXiv 1512.03385, Fig. 5 left; ResNet-18/34).
+
+    ``out = relu(attention(F(x)) + shortcut(x))`` with ``F = 3x3 conv (in -> out, stride) + BN
+    + ReLU -> 3x3 conv (out -> out) + BN`` (expansion 1) and the shortcut, attention and
+    ``zero_init_last`` options of :class:`ResidualBottleneck`. 64 -> 64 has 73,984 parameters.
+
+    Shapes: ``(N, in, H, W) -> (N, out, ceil(H / stride), ceil(W / stride))``, stride 1 or 2.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int | None = None,
+        stride: int = 1,
+        *,
+        attention: str | None = None,
+        attention_kwargs: dict[str, Any] | None = None,
+        zero_init_last: bool = False,
+        act_layer: LayerSpec = "relu",
+        norm_layer: LayerSpec = "batchnorm",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(in_channels, out_channels, stride)
+        _check_stride(self)
+        out = self.out_channels
+        body = nn.Sequential(OrderedDict(
+            conv1=ConvNormAct(
+                in_channels, out, 3, stride, norm_layer=norm_layer, act_layer=act_layer
+            ),
+            conv2=ConvNormAct(out, out, 3, norm_layer=norm_layer, act_layer=None),
+        ))
+        self._add_shortcut(
+            body, attention=attention, attention_kwargs=attention_kwargs,
+            zero_init_last=zero_init_last, act_layer=act_layer, norm_layer=norm_layer,
+        )
+        self.place(device, dtype)

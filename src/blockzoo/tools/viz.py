@@ -1,0 +1,172 @@
+"""Draw what a block computes on a real image.
+
+The image goes through a small fixed feature extractor (torchvision's ResNet-18 stem and first
+stage, random weights with seed 0: no pretrained weights are downloaded), then through the block,
+whose ``explain(x)`` hook returns a dict of tensors. Each tensor is drawn by its shape, so the
+visualiser never reaches into a block's private attributes:
+
+- ``(N, H, W)`` with the feature map's size: a heatmap over the image (GC's context mask,
+  coordinate attention's ``a_h x a_w``);
+- ``(N, K)``: a bar chart (SE's channel gate, dynamic/cond conv expert weights);
+- ``(N, M, C)``: per-branch bars over the first channels (SK's branch weights);
+- ``(N, G, K, K, H, W)``: the ``K x K`` local kernels/windows at three positions (involution's
+  kernels, ACmix's attention window);
+- ``(N, H, W, P, 2)``: ``P`` sampling points ``(y, x)`` in input-feature pixels at three output
+  positions (deformable convolution).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..registry import block_info, create_block
+
+FEATURE_CHANNELS = 64
+FEATURE_STRIDE = 4
+EXTRACTOR_CAPTION = (
+    "features: torchvision ResNet-18 stem + layer1, random weights (seed 0), stride 4, 64 ch"
+)
+_POSITIONS = ((0.3, 0.35), (0.5, 0.5), (0.7, 0.65))
+_COLOURS = ("tab:red", "tab:cyan", "tab:orange")
+
+
+def feature_extractor(seed: int = 0) -> nn.Module:
+    """ResNet-18 conv1/bn/relu/maxpool/layer1 with deterministic random weights."""
+    from torchvision.models import resnet18
+
+    torch.manual_seed(seed)
+    net = resnet18(weights=None)
+    return nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1).eval()
+
+
+def load_image(path: str | Path | None, size: int) -> np.ndarray:
+    """An RGB float image in [0, 1], resized to ``size x size``; default: the astronaut."""
+    if path is None:
+        from skimage.data import astronaut
+
+        image = astronaut()
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"image not found: {path}")
+        from skimage.io import imread
+
+        image = imread(path)
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim == 2:
+        image = np.stack([image] * 3, axis=-1)
+    image = image[..., :3]
+    if image.max() > 1.0:
+        image = image / 255.0
+    tensor = torch.from_numpy(image).permute(2, 0, 1)[None]
+    tensor = F.interpolate(tensor, size=(size, size), mode="bilinear", align_corners=False)
+    return tensor[0].permute(1, 2, 0).clamp(0, 1).numpy()
+
+
+def _normalise(image: np.ndarray) -> torch.Tensor:
+    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    return ((torch.from_numpy(image).permute(2, 0, 1) - mean) / std)[None]
+
+
+def _positions(h: int, w: int) -> list[tuple[int, int]]:
+    return [(min(h - 1, int(fy * h)), min(w - 1, int(fx * w))) for fy, fx in _POSITIONS]
+
+
+def _draw(
+    ax, fig, key: str, value: np.ndarray, image: np.ndarray, feature_hw: tuple, out_hw: tuple
+) -> None:
+    size = image.shape[0]
+    if value.ndim == 2 and value.shape in (feature_hw, out_hw):
+        heat = F.interpolate(torch.from_numpy(value)[None, None].float(), size=(size, size),
+                             mode="bilinear", align_corners=False)[0, 0].numpy()
+        ax.imshow(image)
+        im = ax.imshow(heat, cmap="jet", alpha=0.5)
+        fig.colorbar(im, ax=ax, fraction=0.046, label=key)
+    elif value.ndim == 1:
+        ax.bar(np.arange(len(value)), value, color="tab:blue", label=key)
+        ax.set_xlabel("index")
+        ax.legend(loc="upper right")
+    elif value.ndim == 2:
+        shown = value[:, :32]
+        width = 0.8 / len(shown)
+        for m, row in enumerate(shown):
+            ax.bar(np.arange(len(row)) + m * width, row, width=width, label=f"branch {m + 1}")
+        ax.set_xlabel("channel (first 32)")
+        ax.legend(loc="upper right")
+    elif value.ndim == 5:  # (G, K, K, H, W): local kernels at three positions
+        kernels = value[0]
+        k = kernels.shape[0]
+        positions = _positions(*kernels.shape[2:])
+        tiles = np.full((k, 3 * k + 2), np.nan)
+        for i, (y, x) in enumerate(positions):
+            tiles[:, i * (k + 1): i * (k + 1) + k] = kernels[:, :, y, x]
+        im = ax.imshow(tiles, cmap="coolwarm")
+        fig.colorbar(im, ax=ax, fraction=0.046, label=f"{key} (group 0)")
+        ax.set_xticks([i * (k + 1) + k / 2 - 0.5 for i in range(3)],
+                      [f"pos {i + 1}" for i in range(3)])
+        for i in range(len(positions)):
+            ax.get_xticklabels()[i].set_color(_COLOURS[i])
+    elif value.ndim == 4:  # (H, W, P, 2): sampling points at three output positions
+        ax.imshow(image)
+        scale = size / feature_hw[1]
+        for i, (y, x) in enumerate(_positions(*value.shape[:2])):
+            pts = value[y, x] * scale
+            ax.scatter(pts[:, 1], pts[:, 0], s=12, color=_COLOURS[i], label=f"pos {i + 1}")
+        ax.legend(loc="upper right", fontsize=7)
+    else:
+        raise ValueError(f"cannot draw {key} of shape {value.shape}")
+    ax.set_title(key, fontsize=9)
+
+
+def visualize(
+    name: str, image: str | Path | None = None, out: str | Path | None = None, size: int = 224
+) -> Path:
+    """Write a PNG with the image and what block ``name`` computes on its features."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    info = block_info(name)
+    block = create_block(name, FEATURE_CHANNELS).eval()
+    if not callable(getattr(block, "explain", None)):
+        raise ValueError(f"block {name!r} has no explain() hook to draw; blocks with one: "
+                         f"{', '.join(_drawable_names())}")
+    picture = load_image(image, size)
+    with torch.no_grad():
+        features = feature_extractor()(_normalise(picture))
+        explained = {k: v.detach().float()[0].numpy() for k, v in block.explain(features).items()}
+        out_hw = tuple(block(features).shape[-2:])
+    feature_hw = tuple(features.shape[-2:])
+    panels = len(explained)
+    fig, axes = plt.subplots(1, panels + 1, figsize=(5 * (panels + 1), 5), dpi=100)
+    axes[0].imshow(picture)
+    if any(v.ndim in (4, 5) for v in explained.values()):
+        scale = size / out_hw[-1]
+        for i, (y, x) in enumerate(_positions(*out_hw)):
+            axes[0].scatter([(x + 0.5) * scale], [(y + 0.5) * scale], s=60, marker="x",
+                            color=_COLOURS[i], label=f"pos {i + 1}")
+        axes[0].legend(loc="upper right", fontsize=7)
+    axes[0].set_title("input image", fontsize=9)
+    axes[0].set_xlabel(EXTRACTOR_CAPTION, fontsize=7)
+    for ax, (key, value) in zip(axes[1:], explained.items(), strict=True):
+        _draw(ax, fig, key, value, picture, feature_hw, out_hw)
+    fig.suptitle(f"blockzoo viz: {name} - {info.paper} (arXiv {info.arxiv})", fontsize=10)
+    fig.tight_layout()
+    path = Path(out) if out else Path("reports") / f"viz_{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _drawable_names() -> list[str]:
+    from ..registry import list_blocks
+
+    return [n for n in list_blocks() if callable(getattr(block_info(n).cls, "explain", None))]
