@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.export import Dim
 
 import blockzoo as bz
 from blockzoo.blocks.acmix import (
@@ -114,6 +115,21 @@ def test_reflect_indices_match_reflection_padding_and_iterate_beyond_it() -> Non
     assert reflect_indices(1, 3).tolist() == [0] * 7
     x = torch.randn(2, 3, 5, 6)
     torch.testing.assert_close(reflect_pad2d(x, 3), nn.ReflectionPad2d(3)(x))
+
+
+def test_symbolic_sizes_use_the_same_reflection() -> None:
+    """Under ``torch.export`` with dynamic dims the indices come from tensor arithmetic."""
+
+    class Pad(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return reflect_pad2d(x, 3)
+
+    dims = {2: Dim("h", min=1), 3: Dim("w", min=1)}
+    program = torch.export.export(Pad(), (torch.randn(1, 2, 9, 7),), dynamic_shapes=({**dims},))
+    assert "index_select" in str(program.graph) and "floor" in str(program.graph)
+    for h, w in [(1, 1), (2, 3), (3, 8), (5, 4)]:
+        x = torch.randn(1, 2, h, w)
+        assert torch.equal(program.module()(x), reflect_pad2d(x, 3)), (h, w)
 
 
 def test_a_single_pixel_attends_only_to_itself() -> None:
@@ -249,3 +265,14 @@ def test_window_weights_layout_is_row_major() -> None:
     k[0, 0, 3, 5] = 100.0
     att = window_attention_weights(q, k, torch.zeros(1, 1, 7, 7), 3)
     assert att[0, :, 3, 4].argmax() == 1 * 3 + 2  # row offset 0 -> u = 1, col offset +1 -> v = 2
+
+
+def test_registry_entry_and_default_block() -> None:
+    info = bz.block_info("acmix")
+    assert info.kind == "conv" and info.width == "free" and info.strides == (1, 2)
+    assert info.arxiv == "2111.14556"
+    assert info.defaults["kernel_att"] == 7 and info.defaults["head"] == 4
+    assert info.defaults["kernel_conv"] == 3 and info.defaults["dilation"] == 1
+    block = bz.create_block("acmix", 64)
+    with torch.no_grad():
+        assert block(torch.randn(1, 64, 56, 56)).shape == (1, 64, 56, 56)

@@ -41,3 +41,10 @@ def test_list_filters_by_kind_and_rejects_unknown_kind() -> None:
 def test_readme_block_table_is_current() -> None:
     readme = (ROOT / "README.md").read_text()
     assert f"{START}\n{block_table()}\n{END}" in readme, "run `make readme`"
+
+
+def test_readme_usage_example_runs() -> None:
+    readme = (ROOT / "README.md").read_text()
+    usage = readme.split("## Usage", 1)[1]
+    code = usage.split("```python", 1)[1].split("```", 1)[0]
+    exec(compile(code, "README.md", "exec"), {})

@@ -178,7 +178,7 @@ def test_explain_returns_offsets_and_v2_mask() -> None:
     v2 = bz.ModulatedDeformConv2d(8, stride=2, offset_groups=2)
     for block in (v1, v2):
         torch.nn.init.normal_(block.offset_conv.weight, std=0.1)
-    assert set(v1.explain(x)) == {"offset"}
+    assert set(v1.explain(x)) == {"offset", "sampling_points"}
     assert v1.explain(x)["offset"].shape == (2, 36, 5, 4)
     info = v2.explain(x)
     assert info["offset"].shape == (2, 36, 5, 4) and info["mask"].shape == (2, 18, 5, 4)
@@ -300,3 +300,15 @@ def test_registry_entries() -> None:
         assert info.arxiv == arxiv and info.export_kwargs == {"impl": "torch"}
         y = bz.create_block(name, 64)(torch.randn(1, 64, 56, 56))
         assert y.shape == (1, 64, 56, 56)
+
+
+def test_explain_sampling_points_are_the_grid_plus_offsets() -> None:
+    block = bz.DeformConv2d(4, 4, stride=2, kernel_size=3, dilation=2)
+    x = torch.randn(1, 4, 7, 6)
+    points = block.explain(x)["sampling_points"]  # fresh block: zero offsets
+    assert points.shape == (1, 4, 3, 9, 2)
+    # output (1, 2), tap (row 2, col 0): y = 1*2 - 2 + 2*2, x = 2*2 - 2 + 0*2
+    torch.testing.assert_close(points[0, 1, 2, 6], torch.tensor([4.0, 2.0]))
+    torch.nn.init.constant_(block.offset_conv.bias, 0.5)
+    shifted = block.explain(x)["sampling_points"]
+    torch.testing.assert_close(shifted, points + 0.5)

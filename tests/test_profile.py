@@ -121,3 +121,20 @@ def test_viz_writes_a_non_blank_png_of_the_expected_size(tmp_path) -> None:
         assert np.std(pixels[..., :3]) > 0.05
     missing = _cli("viz", "gc", str(tmp_path / "missing.jpg"))
     assert missing.returncode != 0 and "not found" in missing.stderr
+
+
+EXPLAINED = [
+    n for n in bz.list_blocks() if callable(getattr(bz.block_info(n).cls, "explain", None))
+]
+
+
+@pytest.mark.parametrize("name", EXPLAINED)
+def test_viz_draws_every_block_with_an_explain_hook(name: str, tmp_path) -> None:
+    from matplotlib.image import imread
+
+    from blockzoo.tools.viz import visualize
+
+    path = visualize(name, out=tmp_path / "v.png", size=64)
+    pixels = imread(path)
+    assert pixels.shape[0] == 500 and pixels.shape[1] >= 1000
+    assert np.std(pixels[..., :3]) > 0.05

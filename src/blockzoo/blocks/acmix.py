@@ -19,15 +19,25 @@ from ..registry import register_block
 from .base import Block
 
 
-def reflect_indices(size: int, pad: int, device: torch.device | str | None = None) -> torch.Tensor:
+def reflect_indices(
+    size: int | torch.SymInt, pad: int, device: torch.device | str | None = None
+) -> torch.Tensor:
     """Source index of each padded position ``-pad .. size + pad - 1`` under reflection.
 
     Reflection about the first and last element (the edge is not repeated), iterated while the
     position is still outside: with period ``2 * (size - 1)``, ``i -> last - |(i mod period) -
     last|``. For ``pad < size`` this is exactly ``nn.ReflectionPad2d``; it stays defined for
     ``pad >= size`` (where PyTorch's reflection padding raises), and a size-1 axis replicates its
-    single element. Written with tensor arithmetic only, so it exports with dynamic sizes.
+    single element.
+
+    A concrete ``size`` gives a constant index tensor (cheap for ``torch.compile``); a symbolic
+    one (``torch.export`` with dynamic dims) the same formula in tensor arithmetic, so the export
+    stays dynamic.
     """
+    if isinstance(size, int):
+        last, period = size - 1, max(2 * size - 2, 1)
+        index = [last - abs(i % period - last) for i in range(-pad, size + pad)]
+        return torch.tensor(index, device=device)
     positions = torch.arange(-pad, size + pad, device=device)
     last = torch.full((), size - 1, device=device, dtype=positions.dtype)
     period = (2 * last).clamp_min(1)
@@ -62,9 +72,12 @@ def position_grid(h: int, w: int, like: torch.Tensor) -> torch.Tensor:
     return torch.stack([loc_w, loc_h])[None].to(like.dtype)
 
 
-def _window(t: torch.Tensor, u: int, v: int, h: int, w: int, dilation: int, stride: int):
+def _window(
+    t: torch.Tensor, u: int, v: int, h: int, w: int, dilation: int, stride: int
+) -> torch.Tensor:
     """Window position ``(u, v)`` of every output of a padded ``t``: a strided view."""
-    return t[..., u * dilation : u * dilation + h : stride, v * dilation : v * dilation + w : stride]
+    rows, cols = u * dilation, v * dilation
+    return t[..., rows : rows + h : stride, cols : cols + w : stride]
 
 
 def window_attention_weights(

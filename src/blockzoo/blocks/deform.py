@@ -223,11 +223,26 @@ class _DeformConvBase(Block):
         """The sampling ``offset`` ``(N, 2 * G * k * k, Ho, Wo)`` and, for v2, the ``mask``.
 
         Layout as in torchvision: ``offset.reshape(N, G, k * k, 2, Ho, Wo)`` gives ``(dy, dx)``
-        per offset group and row-major kernel tap; ``mask`` is ``(N, G * k * k, Ho, Wo)``.
+        per offset group and row-major kernel tap; ``mask`` is ``(N, G * k * k, Ho, Wo)``;
+        ``sampling_points`` ``(N, Ho, Wo, k * k, 2)`` are the absolute ``(y, x)`` input
+        positions that offset group 0 samples for each output position.
         """
         self.check_input(x)
         offset, mask = self.offsets(x)
-        return {"offset": offset} if mask is None else {"offset": offset, "mask": mask}
+        n, _, ho, wo = offset.shape
+        k = self.kernel_size
+        taps = torch.arange(k, device=x.device, dtype=offset.dtype) * self.dilation
+        grid_y = torch.arange(ho, device=x.device, dtype=offset.dtype) * self.stride - self.padding
+        grid_x = torch.arange(wo, device=x.device, dtype=offset.dtype) * self.stride - self.padding
+        base_y = grid_y[:, None, None, None] + taps[None, None, :, None]  # (Ho, 1, k, 1)
+        base_x = grid_x[None, :, None, None] + taps[None, None, None, :]  # (1, Wo, 1, k)
+        base = torch.stack(torch.broadcast_tensors(base_y, base_x), dim=-1)
+        base = base.reshape(ho, wo, k * k, 2)
+        delta = offset[:, : 2 * k * k].reshape(n, k * k, 2, ho, wo).permute(0, 3, 4, 1, 2)
+        explained = {"offset": offset, "sampling_points": base + delta}
+        if mask is not None:
+            explained["mask"] = mask
+        return explained
 
     def extra_repr(self) -> str:
         return (

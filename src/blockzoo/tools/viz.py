@@ -2,17 +2,21 @@
 
 The image goes through a small fixed feature extractor (torchvision's ResNet-18 stem and first
 stage, random weights with seed 0: no pretrained weights are downloaded), then through the block,
-whose ``explain(x)`` hook returns a dict of tensors. Each tensor is drawn by its shape, so the
-visualiser never reaches into a block's private attributes:
+whose ``explain(x)`` hook returns a dict of tensors. The visualiser draws the entries it knows by
+name, so it never reaches into a block's private attributes:
 
-- ``(N, H, W)`` with the feature map's size: a heatmap over the image (GC's context mask,
-  coordinate attention's ``a_h x a_w``);
-- ``(N, K)``: a bar chart (SE's channel gate, dynamic/cond conv expert weights);
-- ``(N, M, C)``: per-branch bars over the first channels (SK's branch weights);
-- ``(N, G, K, K, H, W)``: the ``K x K`` local kernels/windows at three positions (involution's
-  kernels, ACmix's attention window);
-- ``(N, H, W, P, 2)``: ``P`` sampling points ``(y, x)`` in input-feature pixels at three output
+- ``context_mask``, ``attention_map`` ``(N, H, W)``: a heatmap over the image (GC's softmax
+  context mask, coordinate attention's ``a_h x a_w``);
+- ``channel_gate`` ``(N, C)``, ``routing_weights`` ``(N, K)``: bar charts (SE's gate,
+  dynamic/cond conv expert weights);
+- ``branch_weights`` ``(N, M, C)``: per-branch bars over the first channels (SK: small vs large
+  kernel);
+- ``kernels`` ``(N, G, K, K, H, W)`` and ``attention`` ``(N, heads, K * K, H, W)``: the
+  ``K x K`` local kernel or attention window at three positions (involution, ACmix);
+- ``sampling_points`` ``(N, H, W, P, 2)``: the ``(y, x)`` input positions sampled for three output
   positions (deformable convolution).
+
+Other entries (raw offsets, masks, aggregated dynamic kernels) are not drawn.
 """
 
 from __future__ import annotations
@@ -78,49 +82,70 @@ def _positions(h: int, w: int) -> list[tuple[int, int]]:
     return [(min(h - 1, int(fy * h)), min(w - 1, int(fx * w))) for fy, fx in _POSITIONS]
 
 
-def _draw(
-    ax, fig, key: str, value: np.ndarray, image: np.ndarray, feature_hw: tuple, out_hw: tuple
-) -> None:
+def _local_windows(key: str, value: np.ndarray) -> np.ndarray | None:
+    """``(G, K, K, H, W)`` local kernels/windows from an ``explain`` entry, else None."""
+    if key == "kernels" and value.ndim == 5:
+        return value
+    if key == "attention" and value.ndim == 4:
+        k = int(round(value.shape[1] ** 0.5))
+        return value.reshape(value.shape[0], k, k, *value.shape[2:])
+    return None
+
+
+def _drawable(key: str, value: np.ndarray) -> bool:
+    return (
+        (key in _HEATMAPS and value.ndim == 2)
+        or (key in _BARS and value.ndim == 1)
+        or (key == "branch_weights" and value.ndim == 2)
+        or (key == "sampling_points" and value.ndim == 4)
+        or _local_windows(key, value) is not None
+    )
+
+
+_HEATMAPS = ("context_mask", "attention_map")
+_BARS = {"channel_gate": "channel", "routing_weights": "expert"}
+
+
+def _draw(ax, fig, key: str, value: np.ndarray, image: np.ndarray, feature_hw: tuple) -> None:
     size = image.shape[0]
-    if value.ndim == 2 and value.shape in (feature_hw, out_hw):
+    windows = _local_windows(key, value)
+    if key in _HEATMAPS:
         heat = F.interpolate(torch.from_numpy(value)[None, None].float(), size=(size, size),
                              mode="bilinear", align_corners=False)[0, 0].numpy()
         ax.imshow(image)
         im = ax.imshow(heat, cmap="jet", alpha=0.5)
         fig.colorbar(im, ax=ax, fraction=0.046, label=key)
-    elif value.ndim == 1:
+    elif key in _BARS:
         ax.bar(np.arange(len(value)), value, color="tab:blue", label=key)
-        ax.set_xlabel("index")
+        ax.set_xlabel(_BARS[key])
         ax.legend(loc="upper right")
-    elif value.ndim == 2:
+    elif key == "branch_weights":
         shown = value[:, :32]
         width = 0.8 / len(shown)
         for m, row in enumerate(shown):
             ax.bar(np.arange(len(row)) + m * width, row, width=width, label=f"branch {m + 1}")
-        ax.set_xlabel("channel (first 32)")
+        ax.set_xlabel("channel (first 32); branches from small to large kernel")
         ax.legend(loc="upper right")
-    elif value.ndim == 5:  # (G, K, K, H, W): local kernels at three positions
-        kernels = value[0]
+    elif windows is not None:
+        kernels = windows[0]
         k = kernels.shape[0]
         positions = _positions(*kernels.shape[2:])
         tiles = np.full((k, 3 * k + 2), np.nan)
         for i, (y, x) in enumerate(positions):
             tiles[:, i * (k + 1): i * (k + 1) + k] = kernels[:, :, y, x]
         im = ax.imshow(tiles, cmap="coolwarm")
-        fig.colorbar(im, ax=ax, fraction=0.046, label=f"{key} (group 0)")
+        fig.colorbar(im, ax=ax, fraction=0.046, label=f"{key} (group/head 0)")
         ax.set_xticks([i * (k + 1) + k / 2 - 0.5 for i in range(3)],
                       [f"pos {i + 1}" for i in range(3)])
         for i in range(len(positions)):
             ax.get_xticklabels()[i].set_color(_COLOURS[i])
-    elif value.ndim == 4:  # (H, W, P, 2): sampling points at three output positions
+    else:  # sampling_points (H, W, P, 2) in input-feature pixels
         ax.imshow(image)
         scale = size / feature_hw[1]
         for i, (y, x) in enumerate(_positions(*value.shape[:2])):
-            pts = value[y, x] * scale
+            pts = (value[y, x] + 0.5) * scale
             ax.scatter(pts[:, 1], pts[:, 0], s=12, color=_COLOURS[i], label=f"pos {i + 1}")
         ax.legend(loc="upper right", fontsize=7)
-    else:
-        raise ValueError(f"cannot draw {key} of shape {value.shape}")
     ax.set_title(key, fontsize=9)
 
 
@@ -141,13 +166,18 @@ def visualize(
     picture = load_image(image, size)
     with torch.no_grad():
         features = feature_extractor()(_normalise(picture))
-        explained = {k: v.detach().float()[0].numpy() for k, v in block.explain(features).items()}
+        explained = {k: v.detach().float()[0].numpy() for k, v in block.explain(features).items()
+                     if v.dim() > 1}
         out_hw = tuple(block(features).shape[-2:])
+    explained = {k: v for k, v in explained.items() if _drawable(k, v)}
+    if not explained:
+        raise ValueError(f"block {name!r} explains nothing this visualiser can draw")
     feature_hw = tuple(features.shape[-2:])
     panels = len(explained)
     fig, axes = plt.subplots(1, panels + 1, figsize=(5 * (panels + 1), 5), dpi=100)
     axes[0].imshow(picture)
-    if any(v.ndim in (4, 5) for v in explained.values()):
+    if any(k == "sampling_points" or _local_windows(k, v) is not None
+           for k, v in explained.items()):
         scale = size / out_hw[-1]
         for i, (y, x) in enumerate(_positions(*out_hw)):
             axes[0].scatter([(x + 0.5) * scale], [(y + 0.5) * scale], s=60, marker="x",
@@ -156,7 +186,7 @@ def visualize(
     axes[0].set_title("input image", fontsize=9)
     axes[0].set_xlabel(EXTRACTOR_CAPTION, fontsize=7)
     for ax, (key, value) in zip(axes[1:], explained.items(), strict=True):
-        _draw(ax, fig, key, value, picture, feature_hw, out_hw)
+        _draw(ax, fig, key, value, picture, feature_hw)
     fig.suptitle(f"blockzoo viz: {name} - {info.paper} (arXiv {info.arxiv})", fontsize=10)
     fig.tight_layout()
     path = Path(out) if out else Path("reports") / f"viz_{name}.png"

@@ -1,0 +1,104 @@
+"""ACmix: offset-by-offset window attention against the unfold reference, on CPU.
+
+Forward + backward time and peak memory of both attention implementations, measured in the same
+run, for the attention alone (``local_window_attention`` vs ``acmix_attention_unfold_reference``
+on given ``q, k, v, pe``) and for the whole ``ACmix`` block (projections, position encoding and
+conv path shared by both). Default case: batch 8, 64 -> 64 channels, 56 x 56, kernel_att 7,
+4 heads (head_dim 16), stride 1 and 2.
+
+Peak memory: the running sum of the CPU allocations and frees that ``torch.profiler``
+(``profile_memory=True``) records during one forward + backward (``peak_bytes`` of
+``bench_involution.py``, shared with it); inputs and parameters, allocated before, are not
+counted.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_acmix.py          # the table in the docs
+    python benchmarks/bench_acmix.py --quick                    # a seconds-long smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+import torch
+from bench_involution import Step, cpu_model, peak_bytes, seconds
+
+import blockzoo as bz
+from blockzoo.blocks import acmix
+from blockzoo.blocks.acmix import acmix_attention_unfold_reference, local_window_attention
+
+Attention = Callable[..., torch.Tensor]
+IMPLS: dict[str, Attention] = {
+    "offset loop": local_window_attention,
+    "unfold": acmix_attention_unfold_reference,
+}
+
+
+def op_steps(n: int, c: int, size: int, k: int, head: int, stride: int) -> dict[str, Step]:
+    d = c // head
+    tensors = [torch.randn(n * head, d, size, size) for _ in range(3)]
+    q, kk, v = (t.requires_grad_() for t in tensors)
+    pe = torch.randn(1, d, size, size, requires_grad=True)
+    inputs = (q, kk, v, pe)
+    check = [fn(*inputs, k, 1, stride) for fn in IMPLS.values()]
+    torch.testing.assert_close(check[0], check[1], rtol=1e-5, atol=1e-5)
+
+    def make(fn: Attention) -> Step:
+        def step() -> None:
+            torch.autograd.grad(fn(*inputs, k, 1, stride).sum(), inputs)
+
+        return step
+
+    return {name: make(fn) for name, fn in IMPLS.items()}
+
+
+def block_steps(n: int, c: int, size: int, k: int, head: int, stride: int) -> dict[str, Step]:
+    block = bz.ACmix(c, c, stride, kernel_att=k, head=head).train()
+    x = torch.randn(n, c, size, size, requires_grad=True)
+    params = [x, *block.parameters()]
+
+    def make(fn: Attention) -> Step:
+        def step() -> None:
+            acmix.local_window_attention = fn  # what ACmix.forward calls
+            try:
+                torch.autograd.grad(block(x).sum(), params)
+            finally:
+                acmix.local_window_attention = local_window_attention
+
+        return step
+
+    return {name: make(fn) for name, fn in IMPLS.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    n, c, size, k, repeats = (8, 64, 56, 7, args.repeats) if not args.quick else (1, 16, 12, 3, 1)
+    head = 4
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {cpu_model()}")
+    print(f"N={n}, C={c}, {size}x{size}, kernel_att={k}, head={head}, fwd+bwd, "
+          f"median of {repeats}\n")
+    print("| case | stride | time loop (ms) | time unfold (ms) | time ratio "
+          "| peak loop (MB) | peak unfold (MB) | memory ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    ours, ref = IMPLS
+    for case, build in (("attention", op_steps), ("block", block_steps)):
+        for stride in (1, 2):
+            steps = build(n, c, size, k, head, stride)
+            t = seconds(steps, repeats)
+            m = {name: peak_bytes(step) for name, step in steps.items()}
+            print(
+                f"| {case} | {stride} | {t[ours] * 1e3:.1f} | {t[ref] * 1e3:.1f} "
+                f"| {t[ours] / t[ref]:.2f} | {m[ours] / 2**20:.1f} | {m[ref] / 2**20:.1f} "
+                f"| {m[ours] / m[ref]:.3f} |"
+            )
+
+
+if __name__ == "__main__":
+    main()
