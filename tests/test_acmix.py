@@ -276,3 +276,17 @@ def test_registry_entry_and_default_block() -> None:
     block = bz.create_block("acmix", 64)
     with torch.no_grad():
         assert block(torch.randn(1, 64, 56, 56)).shape == (1, 64, 56, 56)
+
+
+def test_extra_flops_counts_the_window_attention() -> None:
+    from blockzoo.tools.profile import count_flops
+
+    block = bz.ACmix(16, 32, stride=2, kernel_att=7).eval()
+    x = torch.randn(2, 16, 9, 7)
+    assert block.extra_flops(x) == 4 * (2 * 5 * 4) * 32 * 49
+    block.extra_flops = lambda x: 0  # the counter alone, for comparison
+    with torch.no_grad():
+        seen = count_flops(block, x)
+    del block.extra_flops
+    with torch.no_grad():
+        assert count_flops(block, x) == seen + 4 * (2 * 5 * 4) * 32 * 49

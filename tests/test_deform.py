@@ -312,3 +312,22 @@ def test_explain_sampling_points_are_the_grid_plus_offsets() -> None:
     torch.nn.init.constant_(block.offset_conv.bias, 0.5)
     shifted = block.explain(x)["sampling_points"]
     torch.testing.assert_close(shifted, points + 0.5)
+
+
+def test_extra_flops_count_what_the_flop_counter_cannot_see() -> None:
+    from blockzoo.tools.profile import count_flops
+
+    x = torch.randn(2, 16, 9, 7)
+    outputs, taps = 2 * 5 * 4, 9
+    conv = 2 * outputs * 32 * 16 * taps
+    for cls, per_value in ((bz.DeformConv2d, 4), (bz.ModulatedDeformConv2d, 5)):
+        tv = cls(16, 32, stride=2, impl="torchvision").eval()
+        pure = cls(16, 32, stride=2, impl="torch").eval()
+        pure.load_state_dict(tv.state_dict())
+        sampling = 2 * per_value * outputs * 16 * taps
+        assert tv.extra_flops(x) == sampling + conv
+        assert pure.extra_flops(x) == sampling  # its matmul is counted by FlopCounterMode
+        with torch.no_grad():
+            offsets = count_flops(tv.offset_conv, x)
+            assert count_flops(tv, x) == offsets + sampling + conv
+            assert count_flops(pure, x) == offsets + sampling + conv

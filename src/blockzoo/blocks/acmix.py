@@ -313,6 +313,16 @@ class ACmix(Block):
             "rates": torch.cat([self.rate1, self.rate2]).detach(),
         }
 
+    def extra_flops(self, x: torch.Tensor) -> int:
+        """FLOPs (2 per multiply-add) of the window attention, which FlopCounterMode cannot see.
+
+        Each output position and channel takes ``kernel_att^2`` products for the scores and as
+        many for the weighted sum of ``v``: ``2 * 2 * N * C_out * Ho * Wo * kernel_att^2``.
+        """
+        n, _, h, w = x.shape
+        outputs = n * (-(-h // self.stride)) * (-(-w // self.stride))
+        return 4 * outputs * self.out_channels * self.kernel_att**2
+
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, kernel_att={self.kernel_att}, head={self.head}, "

@@ -5,9 +5,9 @@ Conventions (the same everywhere in blockzoo):
 - **FLOPs** are counted by ``torch.utils.flop_counter.FlopCounterMode`` at the given input size,
   which counts **2 FLOPs per multiply-add** for convolutions and matrix products (so the matmuls
   inside attention count). Work a block does with elementwise ops that the counter cannot see
-  is added from the block's own ``extra_flops(x)`` hook, in the same unit (involution's
-  aggregation has one; ACmix's window attention and torchvision's deformable op do not yet, so
-  their counts are lower bounds). ``macs = flops / 2``.
+  (involution's aggregation, ACmix's window attention, deformable bilinear sampling and
+  torchvision's deformable op) is added from the block's own ``extra_flops(x)`` hook, in the
+  same unit. ``macs = flops / 2``.
 - **Latency** is the median over ``repeat`` timed runs after ``warmup`` runs, with the
   interquartile range as spread; wall clock on CPU, CUDA events on GPU.
 - **Peak memory** is the CUDA allocator's ``max_memory_allocated`` on GPU; on CPU it is the peak
