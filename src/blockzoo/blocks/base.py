@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 
-def _check_positive_int(block: str, name: str, value: object) -> int:
+def check_positive_int(block: str, name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{block}: {name} must be a positive integer, got {value!r}")
     return value
@@ -46,10 +46,10 @@ class Block(nn.Module):
     def __init__(self, in_channels: int, out_channels: int | None = None, stride: int = 1):
         super().__init__()
         name = type(self).__name__
-        self.in_channels = _check_positive_int(name, "in_channels", in_channels)
+        self.in_channels = check_positive_int(name, "in_channels", in_channels)
         out = in_channels if out_channels is None else out_channels
-        self.out_channels = _check_positive_int(name, "out_channels", out)
-        self.stride = _check_positive_int(name, "stride", stride)
+        self.out_channels = check_positive_int(name, "out_channels", out)
+        self.stride = check_positive_int(name, "stride", stride)
 
     def check_input(self, x: torch.Tensor) -> None:
         check_input(self, x, self.in_channels)

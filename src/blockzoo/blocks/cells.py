@@ -22,7 +22,7 @@ from torch import nn
 
 from ..layers import ConvNormAct, LayerSpec, create_act
 from ..registry import register_block
-from .base import Block, _check_positive_int
+from .base import Block, check_positive_int
 from .separable import SeparableConv
 
 #: An operation on a state: ``(op, state index)``; ops are ``"sep3x3"``, ``"sep5x5"`` (ReLU ->
@@ -92,12 +92,12 @@ class _NormalCell(Block):
         )
         self.prev_channels = (
             in_channels if prev_channels is None
-            else _check_positive_int(name, "prev_channels", prev_channels)
+            else check_positive_int(name, "prev_channels", prev_channels)
         )
         num_states = len(self.concat)
         self.cell_channels = (
             max(1, in_channels // num_states) if cell_channels is None
-            else _check_positive_int(name, "cell_channels", cell_channels)
+            else check_positive_int(name, "cell_channels", cell_channels)
         )
         derived = num_states * self.cell_channels
         self.require(

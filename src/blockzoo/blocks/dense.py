@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..layers import LayerSpec, create_act, create_norm
 from ..registry import register_block
-from .base import Block, _check_positive_int
+from .base import Block, check_positive_int
 
 
 @contextlib.contextmanager
@@ -128,9 +128,9 @@ class DenseBlock(Block):
         super().__init__(in_channels, out_channels, stride)
         name = type(self).__name__
         self.require(stride == 1, f"keeps the spatial size, so stride must be 1, got {stride}")
-        self.num_layers = _check_positive_int(name, "num_layers", num_layers)
-        self.growth_rate = _check_positive_int(name, "growth_rate", growth_rate)
-        self.bn_size = _check_positive_int(name, "bn_size", bn_size)
+        self.num_layers = check_positive_int(name, "num_layers", num_layers)
+        self.growth_rate = check_positive_int(name, "growth_rate", growth_rate)
+        self.bn_size = check_positive_int(name, "bn_size", bn_size)
         derived = in_channels + num_layers * growth_rate
         self.require(
             out_channels is None or out_channels == derived,

@@ -47,7 +47,7 @@ from torch import nn
 
 from ..layers import LayerSpec, create_act, create_norm, same_padding
 from ..registry import register_block
-from .base import Block, _check_positive_int
+from .base import Block, check_positive_int
 
 Strategy = Literal["auto", "aggregate", "mix"]
 STRATEGIES: tuple[str, ...] = ("auto", "aggregate", "mix")
@@ -93,10 +93,10 @@ class ExpertConv2d(Block):
     ) -> None:
         super().__init__(in_channels, out_channels, stride)
         name = type(self).__name__
-        self.kernel_size = _check_positive_int(name, "kernel_size", kernel_size)
-        self.dilation = _check_positive_int(name, "dilation", dilation)
-        self.groups = _check_positive_int(name, "groups", groups)
-        self.num_experts = _check_positive_int(name, "num_experts", num_experts)
+        self.kernel_size = check_positive_int(name, "kernel_size", kernel_size)
+        self.dilation = check_positive_int(name, "dilation", dilation)
+        self.groups = check_positive_int(name, "groups", groups)
+        self.num_experts = check_positive_int(name, "num_experts", num_experts)
         self.require(stride in (1, 2), f"stride must be 1 or 2, got {stride}")
         self.require(
             in_channels % groups == 0 and self.out_channels % groups == 0,
@@ -490,7 +490,7 @@ class TemperatureSchedule:
                 raise ValueError(
                     f"TemperatureSchedule: {name} must be a positive finite number, got {t!r}"
                 )
-        _check_positive_int("TemperatureSchedule", "epochs", epochs)
+        check_positive_int("TemperatureSchedule", "epochs", epochs)
         if not any(isinstance(m, DynamicConv2d) for m in model.modules()):
             raise ValueError("TemperatureSchedule: the model holds no DynamicConv2d")
         self.model = model

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..layers import ConvNormAct, LayerSpec, make_divisible
 from ..registry import register_block
-from .base import Block, _check_positive_int
+from .base import Block, check_positive_int
 
 #: inception(3a) of the paper's Table 1, the reference for the default widths: 192 input
 #: channels -> 1x1: 64 | 3x3 reduce: 96, 3x3: 128 | 5x5 reduce: 16, 5x5: 32 | pool proj: 32.
@@ -97,7 +97,7 @@ class Inception(Block):
             extra = [k for k in _REDUCTIONS if given[k] is not None]
             self.require(not extra, f"the naive module has no reductions, got {extra}")
         widths = {
-            key: _check_positive_int(name, key, value) if value is not None
+            key: check_positive_int(name, key, value) if value is not None
             else make_divisible(in_channels * INCEPTION_3A[key] / 192, 8)
             for key, value in given.items()
             if not (naive and key in _REDUCTIONS)
