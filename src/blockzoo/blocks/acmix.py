@@ -213,6 +213,8 @@ class ACmix(Block):
     than the window: see :func:`reflect_indices`.
     """
 
+    allowed_strides = (1, 2)
+
     def __init__(
         self,
         in_channels: int,
@@ -233,7 +235,6 @@ class ACmix(Block):
                 isinstance(value, int) and not isinstance(value, bool) and value >= 1,
                 f"{name} must be a positive integer, got {value!r}",
             )
-        self.require(stride in (1, 2), f"stride must be 1 or 2, got {stride}")
         self.require(
             kernel_att % 2 == 1 and kernel_conv % 2 == 1,
             f"kernel_att and kernel_conv must be odd, got {kernel_att} and {kernel_conv}",

@@ -40,8 +40,11 @@ class Block(nn.Module):
     """Base of every registered block: validated ``in_channels``/``out_channels``/``stride``.
 
     ``out_channels`` defaults to ``in_channels``. Subclasses call :meth:`check_input` first in
-    ``forward`` and :meth:`place` last in ``__init__`` (it applies ``device``/``dtype``).
+    ``forward`` and :meth:`place` last in ``__init__`` (it applies ``device``/``dtype``). A
+    subclass that sets ``allowed_strides`` (e.g. ``(1, 2)``) rejects any other stride.
     """
+
+    allowed_strides: tuple[int, ...] | None = None
 
     def __init__(self, in_channels: int, out_channels: int | None = None, stride: int = 1):
         super().__init__()
@@ -50,6 +53,11 @@ class Block(nn.Module):
         out = in_channels if out_channels is None else out_channels
         self.out_channels = check_positive_int(name, "out_channels", out)
         self.stride = check_positive_int(name, "stride", stride)
+        if self.allowed_strides is not None:
+            allowed = " or ".join(map(str, self.allowed_strides))
+            self.require(
+                self.stride in self.allowed_strides, f"stride must be {allowed}, got {stride}"
+            )
 
     def check_input(self, x: torch.Tensor) -> None:
         check_input(self, x, self.in_channels)

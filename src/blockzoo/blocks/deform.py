@@ -133,6 +133,8 @@ def uses_torchvision(impl: str, x: torch.Tensor) -> bool:
 class _DeformConvBase(Block):
     """Shared body of :class:`DeformConv2d` and :class:`ModulatedDeformConv2d`."""
 
+    allowed_strides = (1, 2)
+
     modulated = False
 
     def __init__(
@@ -157,7 +159,6 @@ class _DeformConvBase(Block):
                 isinstance(value, int) and not isinstance(value, bool) and value >= 1,
                 f"{name} must be a positive integer, got {value!r}",
             )
-        self.require(stride in (1, 2), f"stride must be 1 or 2, got {stride}")
         self.require(kernel_size % 2 == 1, f"kernel_size must be odd, got {kernel_size}")
         self.require(
             in_channels % groups == 0 and self.out_channels % groups == 0,

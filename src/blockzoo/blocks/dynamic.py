@@ -77,6 +77,8 @@ class ExpertConv2d(Block):
     1 only); an integer padding is used as given. ``stride`` is 1 or 2.
     """
 
+    allowed_strides = (1, 2)
+
     def __init__(
         self,
         in_channels: int,
@@ -97,7 +99,6 @@ class ExpertConv2d(Block):
         self.dilation = check_positive_int(name, "dilation", dilation)
         self.groups = check_positive_int(name, "groups", groups)
         self.num_experts = check_positive_int(name, "num_experts", num_experts)
-        self.require(stride in (1, 2), f"stride must be 1 or 2, got {stride}")
         self.require(
             in_channels % groups == 0 and self.out_channels % groups == 0,
             f"groups ({groups}) must divide in_channels ({in_channels}) and out_channels "
@@ -322,6 +323,8 @@ class DynamicConvBnAct(Block):
     Shapes: ``(N, C_in, H, W) -> (N, C_out, ceil(H / stride), ceil(W / stride))``.
     """
 
+    allowed_strides = (1, 2)
+
     def __init__(
         self,
         in_channels: int,
@@ -341,7 +344,6 @@ class DynamicConvBnAct(Block):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(in_channels, out_channels, stride)
-        self.require(stride in (1, 2), f"stride must be 1 or 2, got {stride}")
         self.conv = DynamicConv2d(
             in_channels, self.out_channels, stride, kernel_size=kernel_size, dilation=dilation,
             groups=groups, bias=False, num_experts=num_experts, temperature=temperature,

@@ -220,6 +220,8 @@ class Involution(Block):
     ``in_channels``. Applied with :func:`involution2d` (offset accumulation, no unfold).
     """
 
+    allowed_strides = (1, 2)
+
     def __init__(
         self,
         in_channels: int,
@@ -240,7 +242,6 @@ class Involution(Block):
             f"preserves the channels, so out_channels must be None or in_channels "
             f"({in_channels}), got {out_channels}",
         )
-        self.require(stride in (1, 2), f"stride must be 1 or 2, got {stride}")
         self.require(
             isinstance(kernel_size, int) and kernel_size >= 1 and kernel_size % 2 == 1,
             f"kernel_size must be a positive odd integer, got {kernel_size!r}",

@@ -48,6 +48,8 @@ class InvertedResidual(Block):
     Shapes: ``(N, in, H, W) -> (N, out, ceil(H / stride), ceil(W / stride))``, stride 1 or 2.
     """
 
+    allowed_strides = (1, 2)
+
     def __init__(
         self,
         in_channels: int,
@@ -63,7 +65,6 @@ class InvertedResidual(Block):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(in_channels, out_channels, stride)
-        self.require(self.stride in (1, 2), f"stride must be 1 or 2, got {stride}")
         self.require(expand_ratio > 0, f"expand_ratio must be positive, got {expand_ratio}")
         hidden = round(in_channels * expand_ratio)
         self.require(hidden >= 1, f"round({in_channels} * {expand_ratio}) gives no channels")

@@ -129,10 +129,6 @@ def bottleneck_body(
     ))
 
 
-def _check_stride(block: Block) -> None:
-    block.require(block.stride in (1, 2), f"stride must be 1 or 2, got {block.stride}")
-
-
 @register_block(
     "bottleneck",
     **_RESNET_PAPER,
@@ -150,6 +146,8 @@ class Bottleneck(Block):
 
     Shapes: ``(N, in, H, W) -> (N, out, ceil(H / stride), ceil(W / stride))``, stride 1 or 2.
     """
+
+    allowed_strides = (1, 2)
 
     def __init__(
         self,
@@ -169,7 +167,6 @@ class Bottleneck(Block):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(in_channels, out_channels, stride)
-        _check_stride(self)
         self.width = bottleneck_width(
             self, self.out_channels, reduction, cardinality, base_width, "reduction"
         )
@@ -191,6 +188,8 @@ class _ResidualBlock(Block):
     ``zero_init_last`` sets the last norm's weight of the body to zero, so that a fresh block
     computes ``act(shortcut(x))`` (Goyal et al., arXiv 1706.02677).
     """
+
+    allowed_strides = (1, 2)
 
     def _add_shortcut(
         self,
@@ -287,7 +286,6 @@ class ResidualBottleneck(_ResidualBlock):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(in_channels, out_channels, stride)
-        _check_stride(self)
         self.width = bottleneck_width(self, self.out_channels, expansion, cardinality, base_width)
         self.cardinality = cardinality
         body = bottleneck_body(
@@ -332,7 +330,6 @@ class BasicResidual(_ResidualBlock):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(in_channels, out_channels, stride)
-        _check_stride(self)
         out = self.out_channels
         body = nn.Sequential(OrderedDict(
             conv1=ConvNormAct(

@@ -69,6 +69,8 @@ class SKConv(Block):
     return_attention=True)`` also returns the attention ``a`` of shape ``(N, M, out)``.
     """
 
+    allowed_strides = (1, 2)
+
     def __init__(
         self,
         in_channels: int,
@@ -86,7 +88,6 @@ class SKConv(Block):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(in_channels, out_channels, stride)
-        self.require(stride in (1, 2), f"stride must be 1 or 2, got {stride}")
         if kernel_sizes is None:
             num = 2 if M is None else M
             self.require(
@@ -181,6 +182,8 @@ class SKUnit(Block):
     Shapes: ``(N, in, H, W) -> (N, out, ceil(H / s), ceil(W / s))``, stride 1 or 2.
     """
 
+    allowed_strides = (1, 2)
+
     def __init__(
         self,
         in_channels: int,
@@ -199,7 +202,6 @@ class SKUnit(Block):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(in_channels, out_channels, stride)
-        self.require(stride in (1, 2), f"stride must be 1 or 2, got {stride}")
         out = self.out_channels
         mid = max(1, out // 2) if mid_channels is None else mid_channels
         self.require(

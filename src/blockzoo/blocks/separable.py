@@ -49,6 +49,8 @@ class SeparableConv(Block):
     1 or 2 (the strides Xception and the mobile networks use).
     """
 
+    allowed_strides = (1, 2)
+
     def __init__(
         self,
         in_channels: int,
@@ -66,7 +68,6 @@ class SeparableConv(Block):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(in_channels, out_channels, stride)
-        self.require(stride in (1, 2), f"stride must be 1 or 2, got {stride}")
         self.require(
             isinstance(kernel_size, int) and kernel_size >= 1 and kernel_size % 2 == 1,
             f"kernel_size must be a positive odd integer, got {kernel_size!r}",

@@ -67,6 +67,8 @@ class SPDBottleneck(_ResidualBlock):
     Shapes: ``(N, in, H, W) -> (N, out, ceil(H / stride), ceil(W / stride))``, stride 1 or 2.
     """
 
+    allowed_strides = (1, 2)
+
     def __init__(
         self,
         in_channels: int,
@@ -83,7 +85,6 @@ class SPDBottleneck(_ResidualBlock):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(in_channels, out_channels, stride)
-        self.require(self.stride in (1, 2), f"stride must be 1 or 2, got {stride}")
         width = bottleneck_width(self, self.out_channels, expansion, 1, 64)
         self.width = width
         if self.stride == 1:
