@@ -7,8 +7,8 @@ conv path shared by both). Default case: batch 8, 64 -> 64 channels, 56 x 56, ke
 4 heads (head_dim 16), stride 1 and 2.
 
 Peak memory: the running sum of the CPU allocations and frees that ``torch.profiler``
-(``profile_memory=True``) records during one forward + backward (``peak_bytes`` of
-``bench_involution.py``, shared with it); inputs and parameters, allocated before, are not
+(``profile_memory=True``) records during one forward + backward (``peak_bytes`` in
+``_common.py``, shared by the benchmarks); inputs and parameters, allocated before, are not
 counted.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_acmix.py          # the table in the docs
@@ -21,7 +21,7 @@ import argparse
 from collections.abc import Callable
 
 import torch
-from bench_involution import Step, cpu_model, peak_bytes, seconds
+from _common import Step, cpu_model, peak_bytes, time_interleaved
 
 import blockzoo as bz
 from blockzoo.blocks import acmix
@@ -91,7 +91,7 @@ def main() -> None:
     for case, build in (("attention", op_steps), ("block", block_steps)):
         for stride in (1, 2):
             steps = build(n, c, size, k, head, stride)
-            t = seconds(steps, repeats)
+            t = time_interleaved(steps, repeats)
             m = {name: peak_bytes(step) for name, step in steps.items()}
             print(
                 f"| {case} | {stride} | {t[ours] * 1e3:.1f} | {t[ref] * 1e3:.1f} "

@@ -30,13 +30,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from _common import cpu_model, time_interleaved
 from torch import nn
 
 import blockzoo as bz
@@ -73,25 +71,6 @@ def make_step(fn: Callable[[torch.Tensor], torch.Tensor], module: nn.Module, x: 
         fn(x).sum().backward()
 
     return forward_backward if backward else forward
-
-
-def time_interleaved(steps: dict[str, Callable[[], None]], rounds: int,
-                     target_s: float) -> dict[str, float]:
-    """Median seconds per call of every step, timed round-robin (each sample ~``target_s``)."""
-    calls = {}
-    for name, step in steps.items():
-        step()
-        start = time.perf_counter()
-        step()
-        calls[name] = max(1, round(target_s / max(time.perf_counter() - start, 1e-6)))
-    samples: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            for _ in range(calls[name]):
-                step()
-            samples[name].append((time.perf_counter() - start) / calls[name])
-    return {name: statistics.median(s) for name, s in samples.items()}
 
 
 def measure(batch: int, size: int, backward: bool, rounds: int,
@@ -143,17 +122,6 @@ def compare_strategies(rounds: int, target_s: float) -> None:
                         ratios.append(t["mix"] / t["aggregate"])
                     print(f"| {channels} | {size}x{size} | {batch} | {k}x{k} | {ratios[0]:.2f} | "
                           f"{ratios[1]:.2f} | {block.choose_strategy(x)} |", flush=True)
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:

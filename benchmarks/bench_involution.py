@@ -17,59 +17,12 @@ inputs and parameters, allocated before, are not counted).
 from __future__ import annotations
 
 import argparse
-import platform
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from _common import Step, cpu_model, peak_bytes, time_interleaved
 
 import blockzoo as bz
 from blockzoo.blocks.involution import involution2d, involution_unfold_reference
-
-Step = Callable[[], None]
-
-
-def cpu_model() -> str:
-    """The CPU model from /proc/cpuinfo (Linux), else what ``platform`` knows."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def peak_bytes(step: Step) -> int:
-    """Peak of the running sum of CPU allocations minus frees recorded during ``step()``."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = sorted(
-        (e.start_ns(), e.nbytes())
-        for e in prof.profiler.kineto_results.events()
-        if e.name() == "[memory]"
-    )
-    current = peak = 0
-    for _, nbytes in events:
-        current += nbytes
-        peak = max(peak, current)
-    return peak
-
-
-def seconds(steps: dict[str, Step], repeats: int) -> dict[str, float]:
-    """Median wall time of each step, the steps interleaved so that load hits them alike."""
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for step in steps.values():  # warm-up
-        step()
-    for _ in range(repeats):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def op_steps(n: int, c: int, size: int, k: int, groups: int, stride: int) -> dict[str, Step]:
@@ -129,7 +82,7 @@ def main() -> None:
                 steps = op_steps(n, c, size, k, groups, stride)
             else:
                 steps = block_steps(n, c, size, k, stride)
-            t = seconds(steps, repeats)
+            t = time_interleaved(steps, repeats)
             m = {name: peak_bytes(step) for name, step in steps.items()}
             ours, ref = "offset accumulation", "unfold"
             print(
