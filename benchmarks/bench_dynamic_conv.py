@@ -18,8 +18,14 @@ parameters excluded), replayed from the torch profiler's CPU memory events
 1.5x ``nn.Conv2d``, at least 3x faster than the per-sample loop, peak memory at most 2x
 ``nn.Conv2d``'s.
 
+``dy loop / conv`` bounds the reachable speed-up over the loop: a dynamic convolution does at
+least the arithmetic of one convolution of the same shape, so unless an implementation beats
+``nn.Conv2d`` itself, it cannot be faster than the loop by more than the loop is slower than
+``nn.Conv2d``.
+
     OMP_NUM_THREADS=1 python benchmarks/bench_dynamic_conv.py           # the full table (~2.5 min)
     OMP_NUM_THREADS=1 python benchmarks/bench_dynamic_conv.py --quick   # a smoke run (seconds)
+    python benchmarks/bench_dynamic_conv.py --threads 2                 # two torch threads
 
 ``--strategies`` prints instead the measurements behind ``strategy="auto"``: the time of
 DynamicConv2d (K=4) with ``strategy="mix"`` divided by its time with ``"aggregate"`` over
@@ -140,9 +146,9 @@ def main() -> None:
         compare_strategies(rounds=5, target_s=0.05)
         return
     print("| batch | map | pass | strategy | conv ms | dy / conv | cond / conv | "
-          "dy loop / dy | cond loop / cond | conv MiB | dy mem / conv | cond mem / conv | "
-          "dy loop mem / conv |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "dy loop / dy | cond loop / cond | dy loop / conv | conv MiB | dy mem / conv | "
+          "cond mem / conv | dy loop mem / conv |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     results = {}
     for batch in batches:
         for size in sizes:
@@ -153,7 +159,8 @@ def main() -> None:
                     f"| {batch} | {size}x{size} | {'fwd+bwd' if backward else 'fwd'} | "
                     f"{strategy} | {t['conv'] * 1e3:.2f} | {t['dy'] / t['conv']:.2f} | "
                     f"{t['cond'] / t['conv']:.2f} | {t['dy_loop'] / t['dy']:.2f} | "
-                    f"{t['cond_loop'] / t['cond']:.2f} | {m['conv'] / 2**20:.1f} | "
+                    f"{t['cond_loop'] / t['cond']:.2f} | {t['dy_loop'] / t['conv']:.2f} | "
+                    f"{m['conv'] / 2**20:.1f} | "
                     f"{m['dy'] / m['conv']:.2f} | {m['cond'] / m['conv']:.2f} | "
                     f"{m['dy_loop'] / m['conv']:.2f} |",
                     flush=True,
@@ -174,6 +181,7 @@ def main() -> None:
                 checks.insert(0, f"time {ratio:.2f}x conv (<= 1.5: "
                                  f"{'met' if ratio <= 1.5 else 'MISSED'})")
             print(f"- {label} {block}: " + "; ".join(checks))
+        print(f"- {label} bound: the loop takes {t['dy_loop'] / t['conv']:.2f}x nn.Conv2d's time")
 
 
 if __name__ == "__main__":
