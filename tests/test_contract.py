@@ -158,6 +158,27 @@ def test_bf16_autocast_close_to_float32(name: str) -> None:
     assert error < BF16_RELATIVE_TOLERANCE, float(error)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", NAMES)
+def test_half_precision_block_close_to_float32(name: str, dtype: torch.dtype) -> None:
+    """``block.to(dtype)`` on a ``dtype`` input trains (forward and backward) and stays close to
+    the float32 block holding the same values."""
+    cfg = main_config(name)
+    block = cfg.build().train()
+    half = copy.deepcopy(block).to(dtype)
+    block.load_state_dict({k: v.float() for k, v in half.state_dict().items()})
+    x = cfg.input(2, 9, 7).to(dtype)
+    y = half(x)
+    assert y.dtype == dtype
+    y.float().square().mean().backward()
+    for pname, p in half.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), f"{name}: {pname}"
+    expected = block(x.float())
+    error = (y.detach().float() - expected).norm() / expected.norm().clamp_min(1e-12)
+    tolerance = 1e-2 if dtype == torch.float16 else BF16_RELATIVE_TOLERANCE
+    assert error < tolerance, float(error)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_channels_last_and_non_contiguous_inputs(name: str) -> None:
     cfg = main_config(name)
