@@ -26,6 +26,10 @@ least the arithmetic of one convolution of the same shape, so unless an implemen
     OMP_NUM_THREADS=1 python benchmarks/bench_dynamic_conv.py           # the full table (~2.5 min)
     OMP_NUM_THREADS=1 python benchmarks/bench_dynamic_conv.py --quick   # a smoke run (seconds)
     python benchmarks/bench_dynamic_conv.py --threads 2                 # two torch threads
+    python benchmarks/bench_dynamic_conv.py --device cuda               # the table on a GPU
+
+On CUDA every timed pass ends with ``torch.cuda.synchronize()`` and memory is CUDA's
+``max_memory_allocated``; ``--strategies`` measures on the CPU only.
 
 ``--strategies`` prints instead the measurements behind ``strategy="auto"``: the time of
 DynamicConv2d (K=4) with ``strategy="mix"`` divided by its time with ``"aggregate"`` over
@@ -65,29 +69,37 @@ def per_sample_loop(block: ExpertConv2d, x: torch.Tensor) -> torch.Tensor:
 
 def make_step(fn: Callable[[torch.Tensor], torch.Tensor], module: nn.Module, x: torch.Tensor,
               backward: bool) -> Callable[[], None]:
-    """One pass: forward under no_grad in eval mode, or forward+backward in train mode."""
+    """One pass: forward under no_grad in eval mode, or forward+backward in train mode.
+
+    On CUDA the pass waits for the device, so that wall-clock timing sees the whole pass."""
     module.train(backward)
+
+    def wait() -> None:
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
 
     def forward() -> None:
         with torch.no_grad():
             fn(x)
+        wait()
 
     def forward_backward() -> None:
         module.zero_grad(set_to_none=True)
         fn(x).sum().backward()
+        wait()
 
     return forward_backward if backward else forward
 
 
-def measure(batch: int, size: int, backward: bool, rounds: int,
-            target_s: float) -> tuple[dict[str, float], dict[str, int], str]:
+def measure(batch: int, size: int, backward: bool, rounds: int, target_s: float,
+            device: torch.device) -> tuple[dict[str, float], dict[str, int], str]:
     torch.manual_seed(0)
-    conv = nn.Conv2d(64, 64, 3, padding=1)
-    dy = bz.DynamicConv2d(64, 64)
-    cond = bz.CondConv2d(64, 64)
+    conv = nn.Conv2d(64, 64, 3, padding=1, device=device)
+    dy = bz.DynamicConv2d(64, 64, device=device)
+    cond = bz.CondConv2d(64, 64, device=device)
     for block in (dy, cond):  # spread the routing: the loop must equal the block
         nn.init.normal_(block.bias)
-    x = torch.randn(batch, 64, size, size)
+    x = torch.randn(batch, 64, size, size, device=device)
     with torch.no_grad():
         for block in (dy, cond):
             torch.testing.assert_close(per_sample_loop(block, x), block(x), rtol=1e-3,
@@ -136,12 +148,21 @@ def main() -> None:
     parser.add_argument("--strategies", action="store_true",
                         help="measure the aggregate and mix strategies behind strategy='auto'")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:index]")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device on this machine")
+    if device.type == "cuda" and args.strategies:
+        parser.error("--strategies measures the CPU rule; run it without --device")
     batches, sizes = ((1, 8), (28,)) if args.quick else ((1, 8, 32), (56, 28, 14))
     rounds, target_s = (3, 0.01) if args.quick else (11, 0.08)
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU: {cpu_model()}\n")
+    machine = f"{torch.get_num_threads()} thread(s), CPU: {cpu_model()}"
+    if device.type == "cuda":
+        machine += f", GPU: {torch.cuda.get_device_name(device)}"
+    print(f"torch {torch.__version__}, {machine}\n")
     if args.strategies:
         compare_strategies(rounds=5, target_s=0.05)
         return
@@ -153,7 +174,7 @@ def main() -> None:
     for batch in batches:
         for size in sizes:
             for backward in (False, True):
-                t, m, strategy = measure(batch, size, backward, rounds, target_s)
+                t, m, strategy = measure(batch, size, backward, rounds, target_s, device)
                 results[batch, size, backward] = t, m
                 print(
                     f"| {batch} | {size}x{size} | {'fwd+bwd' if backward else 'fwd'} | "
