@@ -84,3 +84,29 @@ def test_batchnorm_single_value_uses_running_stats_and_keeps_them() -> None:
     torch.testing.assert_close(bn.running_var, var)
     with pytest.raises(ValueError):
         reference(single)  # plain PyTorch cannot do this
+
+
+def test_registry_strides_come_from_the_class_or_must_be_given(monkeypatch) -> None:
+    from blockzoo import registry
+    from blockzoo.blocks.base import Block
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    meta = dict(kind="conv", paper="test", arxiv="0000.0", year=2000, summary="test only")
+
+    class OnlyStrideThree(Block):
+        allowed_strides = (3,)
+        stride_reason = "it is a test"
+
+    registry.register_block("test_stride_three", **meta)(OnlyStrideThree)
+    assert bz.block_info("test_stride_three").strides == (3,)
+    message = "OnlyStrideThree: it is a test, so stride must be 3, got 2"
+    with pytest.raises(ValueError, match=message):
+        OnlyStrideThree(8, stride=2)
+
+    class AnyStride(Block):
+        pass
+
+    with pytest.raises(ValueError, match="AnyStride sets no allowed_strides, so give strides="):
+        registry.register_block("test_any_stride", **meta)(AnyStride)
+    registry.register_block("test_any_stride", strides=(1, 4), **meta)(AnyStride)
+    assert bz.block_info("test_any_stride").strides == (1, 4)

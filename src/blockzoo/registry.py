@@ -87,6 +87,8 @@ def register_block(
     """Class decorator that registers a block under ``name`` (see :class:`BlockInfo`).
 
     May be stacked to register one class under several names with different ``preset`` kwargs.
+    ``strides`` defaults to the class's ``allowed_strides``; a class that sets none (any stride)
+    must list the strides its entry stands for.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown block kind {kind!r}; choose one of {KINDS}")
@@ -94,9 +96,14 @@ def register_block(
     def decorate(cls: type[nn.Module]) -> type[nn.Module]:
         if name in _REGISTRY and _REGISTRY[name].cls is not cls:
             raise ValueError(f"block name {name!r} is already registered")
+        strides = options.get("strides", getattr(cls, "allowed_strides", None))
+        if strides is None:
+            raise ValueError(
+                f"block {name!r}: {cls.__name__} sets no allowed_strides, so give strides="
+            )
         _REGISTRY[name] = BlockInfo(
             name=name, cls=cls, kind=kind, paper=paper, arxiv=arxiv, year=year, summary=summary,
-            **options,
+            **{**options, "strides": tuple(strides)},
         )
         return cls
 

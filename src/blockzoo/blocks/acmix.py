@@ -184,7 +184,6 @@ def shift_kernels(out_channels: int, kernel_size: int) -> torch.Tensor:
     year=2022,
     summary="Shares 1x1 q/k/v projections between local window attention and a shift-kernel conv.",
     width="free",
-    strides=(1, 2),
     example_in=16,
     example_out=24,
     notes="out_channels must be divisible by head. dilation dilates the attention window only "

@@ -19,7 +19,7 @@ from ..layers import LayerSpec, create_act, create_norm, make_divisible
 from ..registry import register_block
 from .base import ShapePreservingBlock
 
-_ATTENTION = dict(kind="attention", width="same", strides=(1,), example_out=None)
+_ATTENTION = dict(kind="attention", width="same", example_out=None)
 
 
 @register_block(

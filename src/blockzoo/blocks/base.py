@@ -41,10 +41,12 @@ class Block(nn.Module):
 
     ``out_channels`` defaults to ``in_channels``. Subclasses call :meth:`check_input` first in
     ``forward`` and :meth:`place` last in ``__init__`` (it applies ``device``/``dtype``). A
-    subclass that sets ``allowed_strides`` (e.g. ``(1, 2)``) rejects any other stride.
+    subclass that sets ``allowed_strides`` (e.g. ``(1, 2)``) rejects any other stride, giving
+    ``stride_reason`` (e.g. ``"keeps the spatial size"``) in the error when it sets one.
     """
 
     allowed_strides: tuple[int, ...] | None = None
+    stride_reason: str | None = None
 
     def __init__(self, in_channels: int, out_channels: int | None = None, stride: int = 1):
         super().__init__()
@@ -55,8 +57,10 @@ class Block(nn.Module):
         self.stride = check_positive_int(name, "stride", stride)
         if self.allowed_strides is not None:
             allowed = " or ".join(map(str, self.allowed_strides))
+            why = f"{self.stride_reason}, so " if self.stride_reason else ""
             self.require(
-                self.stride in self.allowed_strides, f"stride must be {allowed}, got {stride}"
+                self.stride in self.allowed_strides,
+                f"{why}stride must be {allowed}, got {stride}",
             )
 
     def check_input(self, x: torch.Tensor) -> None:
@@ -78,10 +82,13 @@ class Block(nn.Module):
 
 
 class ShapePreservingBlock(Block):
-    """A block whose output has its input's shape (attention blocks, involution).
+    """A block whose output has its input's shape (the attention blocks).
 
     Accepts only ``out_channels in (None, in_channels)`` and ``stride == 1``.
     """
+
+    allowed_strides = (1,)
+    stride_reason = "keeps the input shape"
 
     def __init__(self, in_channels: int, out_channels: int | None = None, stride: int = 1):
         super().__init__(in_channels, out_channels, stride)
@@ -89,8 +96,4 @@ class ShapePreservingBlock(Block):
             self.out_channels == self.in_channels,
             f"keeps the input shape, so out_channels must be None or in_channels "
             f"({in_channels}), got {out_channels}",
-        )
-        self.require(
-            self.stride == 1,
-            f"keeps the input shape, so stride must be 1, got {stride}",
         )

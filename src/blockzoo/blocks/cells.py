@@ -69,6 +69,9 @@ def _operation(op: str, channels: int, act_layer: LayerSpec, norm_layer: LayerSp
 class _NormalCell(Block):
     """A normal cell given by its genotype (``combinations``, ``concat``); see the subclasses."""
 
+    allowed_strides = (1,)
+    stride_reason = "a normal cell keeps the spatial size"
+
     combinations: ClassVar[tuple[tuple[Operand, Operand], ...]]
     concat: ClassVar[tuple[int, ...]]
 
@@ -87,9 +90,6 @@ class _NormalCell(Block):
     ) -> None:
         super().__init__(in_channels, out_channels, stride)
         name = type(self).__name__
-        self.require(
-            stride == 1, f"a normal cell keeps the spatial size, so stride must be 1, got {stride}"
-        )
         self.prev_channels = (
             in_channels if prev_channels is None
             else check_positive_int(name, "prev_channels", prev_channels)
@@ -160,7 +160,6 @@ class _NormalCell(Block):
 _CELL = dict(
     kind="cell",
     width="structural",
-    strides=(1,),
     example_in=16,
     example_out=None,
     example_kwargs={"cell_channels": 8},

@@ -271,7 +271,6 @@ class _DeformConvBase(Block):
 _DEFORM = dict(
     kind="conv",
     width="free",
-    strides=(1, 2),
     export_kwargs={"impl": "torch"},
 )
 

@@ -86,7 +86,6 @@ class DenseLayer(nn.Module):
     year=2017,
     summary="Each layer sees the concatenation of all earlier outputs and adds growth_rate maps.",
     width="structural",
-    strides=(1,),
     example_in=16,
     example_out=None,
     example_kwargs={"num_layers": 2, "growth_rate": 8},
@@ -110,6 +109,9 @@ class DenseBlock(Block):
     Shapes: ``(N, C_in, H, W) -> (N, C_in + num_layers * growth_rate, H, W)``.
     """
 
+    allowed_strides = (1,)
+    stride_reason = "keeps the spatial size"
+
     def __init__(
         self,
         in_channels: int,
@@ -127,7 +129,6 @@ class DenseBlock(Block):
     ) -> None:
         super().__init__(in_channels, out_channels, stride)
         name = type(self).__name__
-        self.require(stride == 1, f"keeps the spatial size, so stride must be 1, got {stride}")
         self.num_layers = check_positive_int(name, "num_layers", num_layers)
         self.growth_rate = check_positive_int(name, "growth_rate", growth_rate)
         self.bn_size = check_positive_int(name, "bn_size", bn_size)

@@ -220,7 +220,7 @@ class ExpertConv2d(Block):
         )
 
 
-_CONV = dict(kind="conv", width="free", strides=(1, 2), example_in=16, example_out=24)
+_CONV = dict(kind="conv", width="free", example_in=16, example_out=24)
 
 
 @register_block(
@@ -309,7 +309,6 @@ class DynamicConv2d(ExpertConv2d):
     year=2020,
     summary="DY-Conv followed by BatchNorm and ReLU, the form the paper always uses.",
     width="free",
-    strides=(1, 2),
     notes="exports with the 'mix' strategy (ONNX Conv groups cannot follow a dynamic batch).",
 )
 class DynamicConvBnAct(Block):

@@ -24,7 +24,6 @@ _INCEPTION = dict(
     year=2015,
     kind="block",
     width="structural",
-    strides=(1,),
     example_in=16,
     example_out=None,
 )
@@ -68,6 +67,9 @@ class Inception(Block):
     Shapes: ``(N, C_in, H, W) -> (N, out_channels, H, W)``.
     """
 
+    allowed_strides = (1,)
+    stride_reason = "keeps the spatial size"
+
     def __init__(
         self,
         in_channels: int,
@@ -88,7 +90,6 @@ class Inception(Block):
     ) -> None:
         super().__init__(in_channels, out_channels, stride)
         name = type(self).__name__
-        self.require(stride == 1, f"keeps the spatial size, so stride must be 1, got {stride}")
         given = {
             "ch1x1": ch1x1, "ch3x3red": ch3x3red, "ch3x3": ch3x3,
             "ch5x5red": ch5x5red, "ch5x5": ch5x5, "pool_proj": pool_proj,

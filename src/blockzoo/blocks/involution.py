@@ -193,7 +193,6 @@ def involution_unfold_reference(
     summary="A K x K kernel generated at every position from that position's features, "
     "shared across the channels of a group.",
     width="same",
-    strides=(1, 2),
     example_in=32,
     example_out=None,
     notes="channels are preserved; channels must be divisible by group_channels (16). "

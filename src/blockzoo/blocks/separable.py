@@ -21,7 +21,6 @@ from .base import Block
     year=2017,
     summary="A depthwise k x k conv (spatial) followed by a pointwise 1x1 conv (channels).",
     width="free",
-    strides=(1, 2),
     example_in=16,
     example_out=24,
 )
