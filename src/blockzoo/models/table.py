@@ -9,14 +9,13 @@ batch 1; ``gmacs`` is half of it, the unit the papers call FLOPs.
 
 from __future__ import annotations
 
-import re
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..tools.formatting import format_rows
+from ..tools.formatting import format_rows, replace_between_markers
 from ..tools.profile import count_flops
 from .registry import create_model, list_models, model_info
 
@@ -62,13 +61,7 @@ def model_table(fmt: str = "markdown") -> str:
 
 def update_doc(path: Path) -> bool:
     """Rewrite the table between the markers in ``path``; True when it changed."""
-    text = path.read_text()
-    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
-    if not pattern.search(text):
-        raise ValueError(f"{path} has no {START} ... {END} markers")
-    new = pattern.sub(lambda _: f"{START}\n{model_table()}\n{END}", text)
-    path.write_text(new)
-    return new != text
+    return replace_between_markers(path, START, END, model_table())
 
 
 if __name__ == "__main__":

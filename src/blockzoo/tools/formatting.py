@@ -5,7 +5,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 FORMATS = ("table", "markdown", "json", "csv")
@@ -46,3 +48,17 @@ def format_rows(rows: Sequence[dict[str, Any]], fmt: str = "table") -> str:
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
     return "\n".join(lines)
+
+
+def replace_between_markers(path: Path, start: str, end: str, table: str) -> bool:
+    """Put ``table`` between the ``start`` and ``end`` marker lines of ``path``.
+
+    Returns True when the file changed; ``ValueError`` when the markers are missing.
+    """
+    text = path.read_text()
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
+    if not pattern.search(text):
+        raise ValueError(f"{path} has no {start} ... {end} markers")
+    new = pattern.sub(lambda _: f"{start}\n{table}\n{end}", text)
+    path.write_text(new)
+    return new != text

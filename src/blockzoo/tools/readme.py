@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import re
 import sys
 from pathlib import Path
 
 from .catalog import catalog_rows
-from .formatting import format_rows
+from .formatting import format_rows, replace_between_markers
 
 START, END = "<!-- blocks:start -->", "<!-- blocks:end -->"
 
@@ -19,13 +18,7 @@ def block_table() -> str:
 
 def update_readme(path: Path) -> bool:
     """Rewrite the table between the markers in ``path``; True when it changed."""
-    text = path.read_text()
-    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
-    if not pattern.search(text):
-        raise ValueError(f"{path} has no {START} ... {END} markers")
-    new = pattern.sub(lambda _: f"{START}\n{block_table()}\n{END}", text)
-    path.write_text(new)
-    return new != text
+    return replace_between_markers(path, START, END, block_table())
 
 
 if __name__ == "__main__":
