@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -110,11 +110,17 @@ def register_block(
     return decorate
 
 
+def unknown_name(what: str, name: str, known: Iterable[str], listing: str) -> KeyError:
+    """``KeyError("unknown <what> 'name'; did you mean ...? (see <listing>)")``, up to three
+    close matches from ``known``."""
+    close = difflib.get_close_matches(name, list(known), n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return KeyError(f"unknown {what} {name!r}{hint} (see {listing})")
+
+
 def _lookup(name: str) -> BlockInfo:
     if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, _REGISTRY, n=3, cutoff=0.5)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise KeyError(f"unknown block {name!r}{hint} (see blockzoo.list_blocks())")
+        raise unknown_name("block", name, _REGISTRY, "blockzoo.list_blocks()")
     return _REGISTRY[name]
 
 

@@ -29,7 +29,6 @@ size, normalisation, the paper's figures and training notes), :func:`create_mode
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -38,6 +37,7 @@ from typing import Any
 from torch import nn
 
 from ..blocks.dynamic import DynamicConv2d
+from ..registry import unknown_name
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -118,9 +118,7 @@ def register_model(
 def model_info(name: str) -> ModelInfo:
     """The :class:`ModelInfo` of ``name``; ``KeyError`` with close matches if unknown."""
     if name not in _MODELS:
-        close = difflib.get_close_matches(name, _MODELS, n=3, cutoff=0.5)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise KeyError(f"unknown model {name!r}{hint} (see blockzoo.list_models())")
+        raise unknown_name("model", name, _MODELS, "blockzoo.list_models()")
     return _MODELS[name]
 
 
