@@ -279,7 +279,7 @@ def test_registry_entry_and_default_block() -> None:
 
 
 def test_extra_flops_counts_the_window_attention() -> None:
-    from blockzoo.tools.profile import count_flops
+    from blockzoo.core import count_flops
 
     block = bz.ACmix(16, 32, stride=2, kernel_att=7).eval()
     x = torch.randn(2, 16, 9, 7)

@@ -315,7 +315,7 @@ def test_explain_sampling_points_are_the_grid_plus_offsets() -> None:
 
 
 def test_extra_flops_count_what_the_flop_counter_cannot_see() -> None:
-    from blockzoo.tools.profile import count_flops
+    from blockzoo.core import count_flops
 
     x = torch.randn(2, 16, 9, 7)
     outputs, taps = 2 * 5 * 4, 9

@@ -199,7 +199,7 @@ def test_involution_rejects_bad_arguments() -> None:
 
 
 def test_profiler_counts_the_aggregation_through_extra_flops() -> None:
-    from blockzoo.tools.profile import count_flops
+    from blockzoo.core import count_flops
 
     block = bz.Involution(32, stride=2, kernel_size=7).eval()
     x = torch.randn(2, 32, 9, 7)

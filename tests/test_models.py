@@ -24,6 +24,7 @@ from blockzoo.blocks import (
     DynamicConv2d,
     GlobalContext,
     Involution,
+    SPDBottleneck,
     SqueezeExcite,
     TemperatureSchedule,
 )
@@ -31,7 +32,6 @@ from blockzoo.layers import make_divisible
 from blockzoo.models import (
     MobileNetV2,
     ResNetLike,
-    SPDBottleneck,
     create_model,
     list_models,
     model_info,
@@ -39,7 +39,7 @@ from blockzoo.models import (
 )
 from blockzoo.models.registry import CFG_KEYS, default_cfg
 from blockzoo.models.table import END, START, model_rows, update_doc
-from blockzoo.tools.profile import count_flops
+from blockzoo.core import count_flops
 
 ISSUE_MODELS = {
     "resnet50", "se_resnet50", "gc_resnet50", "acmix_resnet50", "spd_resnet50", "sknet50",

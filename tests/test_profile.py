@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 import blockzoo as bz
-from blockzoo.tools.profile import ConvBNReLU, compare, count_flops, peak_memory, profile
+from blockzoo.core import count_flops
+from blockzoo.tools.profile import ConvBNReLU, compare, peak_memory, profile
 
 
 def test_flops_are_two_per_multiply_add_at_the_given_size() -> None:

@@ -7,13 +7,14 @@ A block joins blockzoo by decorating its class with :func:`register_block`; from
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from torch import nn
+
+from .core.validation import close_matches
 
 KINDS = ("attention", "conv", "downsample", "block", "cell")
 Width = Literal["free", "same", "structural"]
@@ -113,9 +114,7 @@ def register_block(
 def unknown_name(what: str, name: str, known: Iterable[str], listing: str) -> KeyError:
     """``KeyError("unknown <what> 'name'; did you mean ...? (see <listing>)")``, up to three
     close matches from ``known``."""
-    close = difflib.get_close_matches(name, list(known), n=3, cutoff=0.5)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
-    return KeyError(f"unknown {what} {name!r}{hint} (see {listing})")
+    return KeyError(f"unknown {what} {name!r}{close_matches(name, known)} (see {listing})")
 
 
 def _lookup(name: str) -> BlockInfo:

@@ -38,7 +38,7 @@ from torch import nn
 
 from .blocks.base import Block
 from .registry import BlockInfo, block_info, create_block, list_blocks
-from .tools.formatting import format_rows
+from .core.formatting import format_rows
 
 Where = Callable[[str, nn.Module], bool] | str | Iterable[str] | None
 

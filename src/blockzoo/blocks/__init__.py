@@ -16,10 +16,10 @@ from .dynamic import (
 from .inception import Inception
 from .involution import Involution, involution2d, involution_unfold_reference
 from .mobile import InvertedResidual
-from .residual import BasicResidual, Bottleneck, ResidualBottleneck
+from .residual import BasicResidual, Bottleneck, ResidualBlock, ResidualBottleneck
 from .selective_kernel import SKConv, SKUnit, clamp_groups
 from .separable import SeparableConv
-from .spd import SPDConv, space_to_depth
+from .spd import SPDBottleneck, SPDConv, SpaceToDepth, space_to_depth
 
 __all__ = [
     "ACmix",
@@ -40,11 +40,14 @@ __all__ = [
     "Involution",
     "ModulatedDeformConv2d",
     "NASNetNormalCell",
+    "ResidualBlock",
     "ResidualBottleneck",
     "SKConv",
     "SKUnit",
+    "SPDBottleneck",
     "SPDConv",
     "SeparableConv",
+    "SpaceToDepth",
     "ShapePreservingBlock",
     "SqueezeExcite",
     "TemperatureSchedule",

@@ -10,11 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
-def check_positive_int(block: str, name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{block}: {name} must be a positive integer, got {value!r}")
-    return value
+from ..core.validation import check_positive_int, require
 
 
 def check_input(block: nn.Module, x: object, channels: int) -> None:
@@ -68,8 +64,7 @@ class Block(nn.Module):
 
     def require(self, condition: bool, message: str) -> None:
         """Raise ``ValueError("<BlockName>: <message>")`` unless ``condition`` holds."""
-        if not condition:
-            raise ValueError(f"{type(self).__name__}: {message}")
+        require(type(self).__name__, condition, message)
 
     def place(self, device: torch.device | str | None, dtype: torch.dtype | None) -> None:
         """Move parameters and buffers to ``device``/``dtype`` when given (end of ``__init__``)."""

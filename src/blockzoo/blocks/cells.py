@@ -22,7 +22,8 @@ from torch import nn
 
 from ..layers import ConvNormAct, LayerSpec, create_act
 from ..registry import register_block
-from .base import Block, check_positive_int
+from ..core.validation import check_positive_int
+from .base import Block
 from .separable import SeparableConv
 
 #: An operation on a state: ``(op, state index)``; ops are ``"sep3x3"``, ``"sep5x5"`` (ReLU ->

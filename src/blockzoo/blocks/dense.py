@@ -14,7 +14,8 @@ from torch.utils.checkpoint import checkpoint
 
 from ..layers import LayerSpec, create_act, create_norm
 from ..registry import register_block
-from .base import Block, check_positive_int
+from ..core.validation import check_positive_int
+from .base import Block
 
 
 @contextlib.contextmanager

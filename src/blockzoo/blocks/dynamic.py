@@ -47,7 +47,8 @@ from torch import nn
 
 from ..layers import LayerSpec, create_act, create_norm, same_padding
 from ..registry import register_block
-from .base import Block, check_positive_int
+from ..core.validation import check_positive_int
+from .base import Block
 
 Strategy = Literal["auto", "aggregate", "mix"]
 STRATEGIES: tuple[str, ...] = ("auto", "aggregate", "mix")

@@ -10,7 +10,8 @@ from torch import nn
 
 from ..layers import ConvNormAct, LayerSpec, make_divisible
 from ..registry import register_block
-from .base import Block, check_positive_int
+from ..core.validation import check_positive_int
+from .base import Block
 
 #: inception(3a) of the paper's Table 1, the reference for the default widths: 192 input
 #: channels -> 1x1: 64 | 3x3 reduce: 96, 3x3: 128 | 5x5 reduce: 16, 5x5: 32 | pool proj: 32.

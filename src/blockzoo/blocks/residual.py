@@ -181,7 +181,7 @@ class Bottleneck(Block):
         return self.body(x)
 
 
-class _ResidualBlock(Block):
+class ResidualBlock(Block):
     """Shared by the residual blocks: ``act(attention(body(x)) + shortcut(x))``.
 
     The shortcut is the identity, or a 1x1 conv (stride) + norm when the shape changes.
@@ -242,7 +242,7 @@ class _ResidualBlock(Block):
     notes="the residual block with the preset cardinality=32, base_width=4.",
     **_BLOCK,
 )
-class ResidualBottleneck(_ResidualBlock):
+class ResidualBottleneck(ResidualBlock):
     """ResNet bottleneck residual block (He et al., arXiv 1512.03385) and ResNeXt block
     (Xie et al., arXiv 1611.05431).
 
@@ -305,7 +305,7 @@ class ResidualBottleneck(_ResidualBlock):
     summary="ResNet basic residual block: two 3x3 convs + shortcut, ReLU after the add.",
     **_BLOCK,
 )
-class BasicResidual(_ResidualBlock):
+class BasicResidual(ResidualBlock):
     """ResNet basic residual block (He et al., arXiv 1512.03385, Fig. 5 left; ResNet-18/34).
 
     ``out = relu(attention(F(x)) + shortcut(x))`` with ``F = 3x3 conv (in -> out, stride) + BN

@@ -1,4 +1,4 @@
-"""SPD-Conv: space-to-depth followed by a non-strided convolution.
+"""SPD-Conv: space-to-depth followed by a non-strided convolution, and the SPD bottleneck.
 
 No More Strided Convolutions or Pooling: A New CNN Building Block for Low-Resolution Images and
 Small Objects, Sunkara & Luo, ECML PKDD 2022, arXiv 2208.03641
@@ -6,12 +6,17 @@ Small Objects, Sunkara & Luo, ECML PKDD 2022, arXiv 2208.03641
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from typing import Any
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from ..layers import ConvNormAct, LayerSpec
+from ..layers import ConvNormAct, LayerSpec, create_act, create_norm
 from ..registry import register_block
 from .base import Block
+from .residual import ResidualBlock, bottleneck_width
 
 
 def space_to_depth(x: torch.Tensor, scale: int = 2) -> torch.Tensor:
@@ -82,3 +87,79 @@ class SPDConv(Block):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         return self.conv(space_to_depth(x, self.stride))
+
+
+class SpaceToDepth(nn.Module):
+    """:func:`space_to_depth` as a module: ``C -> scale^2 C`` channels."""
+
+    def __init__(self, scale: int = 2) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return space_to_depth(x, self.scale)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale}"
+
+
+class SPDBottleneck(ResidualBlock):
+    """ResNet bottleneck whose downsampling is a space-to-depth, as in the SPD-Conv reference
+    ResNet-50 (Sunkara & Luo, arXiv 2208.03641; LabSAINT/SPD-Conv ``resnet50_spd.py``).
+
+    Stride 1: the ResNet bottleneck ``1x1 (in -> D) -> 3x3 (D -> D) -> 1x1 (D -> out)``, each
+    conv + BN, ReLU after the first two. Stride 2: the 3x3 conv keeps stride 1 and is followed by
+    ``space_to_depth`` (scale 2, ``D -> 4D`` channels, ``ceil(H / 2)`` positions), then BN + ReLU
+    over ``4D`` channels, and the last 1x1 conv maps ``4D -> out`` (+ BN). The shortcut is the
+    reference's: identity, or a 1x1 conv with the stride + BN when the shape changes (the
+    reference keeps this strided 1x1 conv). ``D = out / expansion``.
+
+    ``attention``, ``attention_kwargs`` and ``zero_init_last`` as in
+    :class:`~blockzoo.blocks.residual.ResidualBottleneck`.
+
+    Shapes: ``(N, in, H, W) -> (N, out, ceil(H / stride), ceil(W / stride))``, stride 1 or 2.
+    """
+
+    allowed_strides = (1, 2)
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int | None = None,
+        stride: int = 1,
+        *,
+        expansion: int = 4,
+        attention: str | None = None,
+        attention_kwargs: dict[str, Any] | None = None,
+        zero_init_last: bool = False,
+        act_layer: LayerSpec = "relu",
+        norm_layer: LayerSpec = "batchnorm",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(in_channels, out_channels, stride)
+        width = bottleneck_width(self, self.out_channels, expansion, 1, 64)
+        self.width = width
+        if self.stride == 1:
+            conv2: nn.Module = ConvNormAct(
+                width, width, 3, norm_layer=norm_layer, act_layer=act_layer
+            )
+            mid = width
+        else:
+            mid = 4 * width
+            conv2 = nn.Sequential(OrderedDict(
+                conv=nn.Conv2d(width, width, 3, padding=1, bias=False),
+                spd=SpaceToDepth(2),
+                bn=create_norm(norm_layer, mid),
+                act=create_act(act_layer),
+            ))
+        body = nn.Sequential(OrderedDict(
+            conv1=ConvNormAct(in_channels, width, 1, norm_layer=norm_layer, act_layer=act_layer),
+            conv2=conv2,
+            conv3=ConvNormAct(mid, self.out_channels, 1, norm_layer=norm_layer, act_layer=None),
+        ))
+        self._add_shortcut(
+            body, attention=attention, attention_kwargs=attention_kwargs,
+            zero_init_last=zero_init_last, act_layer=act_layer, norm_layer=norm_layer,
+        )
+        self.place(device, dtype)

@@ -8,14 +8,13 @@ figures and training notes). Importing this package registers every model.
 from .base import StagedNet
 from .mobilenet import MOBILENETV2_SETTINGS, MobileNetV2
 from .registry import ModelInfo, create_model, list_models, model_info, register_model
-from .resnet import ResNetLike, SPDBottleneck, make_stem
+from .resnet import ResNetLike, make_stem
 
 __all__ = [
     "MOBILENETV2_SETTINGS",
     "MobileNetV2",
     "ModelInfo",
     "ResNetLike",
-    "SPDBottleneck",
     "StagedNet",
     "create_model",
     "list_models",

@@ -13,19 +13,15 @@ import torch
 from torch import nn
 
 from ..blocks.base import check_input
+from ..core.validation import require
 from ..layers import ConvNormAct
 from ..registry import block_info, list_blocks
-
-
-def _require(owner: str, condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(f"{owner}: {message}")
 
 
 def check_positive_ints(owner: str, name: str, values: Sequence[int], length: int) -> tuple:
     """``values`` as a tuple of ``length`` positive ints, else a ``ValueError`` naming ``owner``."""
     values = tuple(values)
-    _require(
+    require(
         owner,
         len(values) == length
         and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values),
@@ -66,16 +62,16 @@ class StagedNet(nn.Module):
         super().__init__()
         owner = type(self).__name__
         check_positive_ints(owner, "in_chans", (in_chans,), 1)
-        _require(
+        require(
             owner,
             isinstance(num_classes, int) and not isinstance(num_classes, bool)
             and num_classes >= 0,
             f"num_classes must be a non-negative integer, got {num_classes!r}",
         )
-        _require(owner, isinstance(features_only, bool),
+        require(owner, isinstance(features_only, bool),
                  f"features_only must be a bool, got {features_only!r}")
-        _require(owner, 0.0 <= drop_rate < 1.0, f"drop_rate must be in [0, 1), got {drop_rate}")
-        _require(owner, len(stages) == len(stage_strides) >= 1,
+        require(owner, 0.0 <= drop_rate < 1.0, f"drop_rate must be in [0, 1), got {drop_rate}")
+        require(owner, len(stages) == len(stage_strides) >= 1,
                  f"needs at least one stage and one stride per stage, got {len(stages)} stages "
                  f"and strides {tuple(stage_strides)}")
         self.in_chans = in_chans

@@ -26,90 +26,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..blocks.residual import _ResidualBlock, bottleneck_width
-from ..blocks.spd import space_to_depth
+from ..blocks.spd import SPDBottleneck
 from ..layers import ConvNormAct, LayerSpec, create_act, create_norm
 from ..registry import block_info, create_block
 from .base import StagedNet, check_positive_ints, init_conv_norm_act
 from .registry import CIFAR_MEAN, CIFAR_STD, default_cfg, register_model
 
 STEMS = ("resnet", "rednet", "cifar", "spd")
-
-
-class SpaceToDepth(nn.Module):
-    """:func:`~blockzoo.blocks.spd.space_to_depth` as a module: ``C -> scale^2 C`` channels."""
-
-    def __init__(self, scale: int = 2) -> None:
-        super().__init__()
-        self.scale = scale
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return space_to_depth(x, self.scale)
-
-    def extra_repr(self) -> str:
-        return f"scale={self.scale}"
-
-
-class SPDBottleneck(_ResidualBlock):
-    """ResNet bottleneck whose downsampling is a space-to-depth, as in the SPD-Conv reference
-    ResNet-50 (Sunkara & Luo, arXiv 2208.03641; LabSAINT/SPD-Conv ``resnet50_spd.py``).
-
-    Stride 1: the ResNet bottleneck ``1x1 (in -> D) -> 3x3 (D -> D) -> 1x1 (D -> out)``, each
-    conv + BN, ReLU after the first two. Stride 2: the 3x3 conv keeps stride 1 and is followed by
-    ``space_to_depth`` (scale 2, ``D -> 4D`` channels, ``ceil(H / 2)`` positions), then BN + ReLU
-    over ``4D`` channels, and the last 1x1 conv maps ``4D -> out`` (+ BN). The shortcut is the
-    reference's: identity, or a 1x1 conv with the stride + BN when the shape changes (the
-    reference keeps this strided 1x1 conv). ``D = out / expansion``.
-
-    ``attention``, ``attention_kwargs`` and ``zero_init_last`` as in
-    :class:`~blockzoo.blocks.residual.ResidualBottleneck`.
-
-    Shapes: ``(N, in, H, W) -> (N, out, ceil(H / stride), ceil(W / stride))``, stride 1 or 2.
-    """
-
-    allowed_strides = (1, 2)
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int | None = None,
-        stride: int = 1,
-        *,
-        expansion: int = 4,
-        attention: str | None = None,
-        attention_kwargs: dict[str, Any] | None = None,
-        zero_init_last: bool = False,
-        act_layer: LayerSpec = "relu",
-        norm_layer: LayerSpec = "batchnorm",
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(in_channels, out_channels, stride)
-        width = bottleneck_width(self, self.out_channels, expansion, 1, 64)
-        self.width = width
-        if self.stride == 1:
-            conv2: nn.Module = ConvNormAct(
-                width, width, 3, norm_layer=norm_layer, act_layer=act_layer
-            )
-            mid = width
-        else:
-            mid = 4 * width
-            conv2 = nn.Sequential(OrderedDict(
-                conv=nn.Conv2d(width, width, 3, padding=1, bias=False),
-                spd=SpaceToDepth(2),
-                bn=create_norm(norm_layer, mid),
-                act=create_act(act_layer),
-            ))
-        body = nn.Sequential(OrderedDict(
-            conv1=ConvNormAct(in_channels, width, 1, norm_layer=norm_layer, act_layer=act_layer),
-            conv2=conv2,
-            conv3=ConvNormAct(mid, self.out_channels, 1, norm_layer=norm_layer, act_layer=None),
-        ))
-        self._add_shortcut(
-            body, attention=attention, attention_kwargs=attention_kwargs,
-            zero_init_last=zero_init_last, act_layer=act_layer, norm_layer=norm_layer,
-        )
-        self.place(device, dtype)
 
 
 def make_stem(

@@ -2,7 +2,7 @@
 
 ``python -m blockzoo.models.table`` prints it; ``python -m blockzoo.models.table docs/models.md``
 rewrites the table between the ``<!-- models:start -->`` and ``<!-- models:end -->`` markers.
-FLOPs are counted by :func:`blockzoo.tools.profile.count_flops` (2 per multiply-add, plus the
+FLOPs are counted by :func:`blockzoo.core.count_flops` (2 per multiply-add, plus the
 blocks' ``extra_flops`` hooks) for one forward pass at the model's ``default_cfg`` input size,
 batch 1; ``gmacs`` is half of it, the unit the papers call FLOPs.
 """
@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from ..tools.formatting import format_rows, replace_between_markers
-from ..tools.profile import count_flops
+from ..core.formatting import format_rows, replace_between_markers
+from ..core.counting import count_flops
 from .registry import create_model, list_models, model_info
 
 START, END = "<!-- models:start -->", "<!-- models:end -->"
@@ -55,7 +55,7 @@ def model_rows(names: list[str] | None = None) -> list[dict[str, Any]]:
 
 
 def model_table(fmt: str = "markdown") -> str:
-    """:func:`model_rows` rendered by :func:`~blockzoo.tools.formatting.format_rows`."""
+    """:func:`model_rows` rendered by :func:`~blockzoo.core.format_rows`."""
     return format_rows(model_rows(), fmt)
 
 

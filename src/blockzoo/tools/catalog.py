@@ -6,12 +6,8 @@ from typing import Any
 
 import torch
 
+from ..core.counting import count_parameters
 from ..registry import block_info, create_block, list_blocks
-
-
-def count_parameters(module: torch.nn.Module) -> int:
-    """Number of trainable parameters."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
 def catalog_rows(

@@ -31,10 +31,9 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity
 from torch.profiler import profile as torch_profile
-from torch.utils.flop_counter import FlopCounterMode
 
 from ..registry import block_info, create_block
-from .catalog import count_parameters
+from ..core.counting import backward_from_sum, count_flops, count_parameters
 
 
 @dataclass
@@ -62,35 +61,6 @@ class ProfileResult:
         row = asdict(self)
         row["macs"] = self.macs
         return row
-
-
-def count_flops(module: nn.Module, x: torch.Tensor, backward: bool = False) -> int:
-    """FLOPs (2 per multiply-add) of one forward (and backward) pass at ``x``'s size."""
-    extra = 0
-
-    def add_extra(mod: nn.Module, args: tuple) -> None:
-        nonlocal extra
-        extra += int(mod.extra_flops(args[0]))
-
-    hooks = [
-        m.register_forward_pre_hook(add_extra)
-        for m in module.modules()
-        if callable(getattr(m, "extra_flops", None))
-    ]
-    try:
-        with FlopCounterMode(display=False) as counter:
-            out = module(x)
-            if backward:
-                _backward(out)
-    finally:
-        for h in hooks:
-            h.remove()
-    # Backward of the elementwise work costs about twice its forward, like a conv's.
-    return int(counter.get_total_flops()) + extra * (3 if backward else 1)
-
-
-def _backward(out: torch.Tensor) -> None:
-    out.float().sum().backward()
 
 
 def _synchronize(device: torch.device) -> None:
@@ -204,7 +174,7 @@ def profile(
     def run() -> torch.Tensor:
         if backward:
             out = module(x)
-            _backward(out)
+            backward_from_sum(out)
             module.zero_grad(set_to_none=True)
             x.grad = None
             return out

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from .catalog import catalog_rows
-from .formatting import format_rows, replace_between_markers
+from ..core.formatting import format_rows, replace_between_markers
 
 START, END = "<!-- blocks:start -->", "<!-- blocks:end -->"
 

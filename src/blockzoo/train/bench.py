@@ -27,8 +27,8 @@ from typing import Any
 import torch
 
 from ..registry import block_info
-from ..tools.formatting import format_rows
-from ..tools.profile import count_flops
+from ..core.formatting import format_rows
+from ..core.counting import count_flops
 from .distributed import launched_by_torchrun
 from .engine import CHECKPOINT, METRICS, TrainConfig, read_metrics, train
 

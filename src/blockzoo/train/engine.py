@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ..blocks.dynamic import DynamicConv2d, TemperatureSchedule
-from ..tools.catalog import count_parameters
+from ..core.counting import count_parameters
 from .checkpoint import (
     export_safetensors,
     load_checkpoint,

@@ -1,0 +1,20 @@
+"""The layer every other part of blockzoo builds on: validation, counting and formatting.
+
+``blocks``, ``models``, ``surgery``, ``train`` and ``tools`` import from here; nothing here
+imports from them.
+"""
+
+from .counting import count_flops, count_parameters
+from .formatting import FORMATS, format_rows, replace_between_markers
+from .validation import check_positive_int, close_matches, require
+
+__all__ = [
+    "FORMATS",
+    "check_positive_int",
+    "close_matches",
+    "count_flops",
+    "count_parameters",
+    "format_rows",
+    "replace_between_markers",
+    "require",
+]

@@ -1,0 +1,48 @@
+"""Counting what a module costs: parameters and FLOPs, the same rule everywhere in blockzoo.
+
+FLOPs are 2 per multiply-add. Convolutions and matrix products are counted by
+``torch.utils.flop_counter.FlopCounterMode``; work a block does with elementwise operations that
+the counter cannot see is declared by the block's ``extra_flops(x)`` hook in the same unit and
+added here (docs/profiling.md states the rule).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def backward_from_sum(out: torch.Tensor) -> None:
+    """Backpropagate ``out.sum()`` (in float32 at least), the pass profiling times."""
+    out.float().sum().backward()
+
+
+def count_flops(module: nn.Module, x: torch.Tensor, backward: bool = False) -> int:
+    """FLOPs (2 per multiply-add) of one forward (and backward) pass at ``x``'s size."""
+    extra = 0
+
+    def add_extra(mod: nn.Module, args: tuple) -> None:
+        nonlocal extra
+        extra += int(mod.extra_flops(args[0]))
+
+    hooks = [
+        m.register_forward_pre_hook(add_extra)
+        for m in module.modules()
+        if callable(getattr(m, "extra_flops", None))
+    ]
+    try:
+        with FlopCounterMode(display=False) as counter:
+            out = module(x)
+            if backward:
+                backward_from_sum(out)
+    finally:
+        for h in hooks:
+            h.remove()
+    # Backward of the elementwise work costs about twice its forward, like a conv's.
+    return int(counter.get_total_flops()) + extra * (3 if backward else 1)
