@@ -28,6 +28,7 @@ from blockzoo.blocks import (
     SqueezeExcite,
     TemperatureSchedule,
 )
+from blockzoo.core import count_flops
 from blockzoo.layers import make_divisible
 from blockzoo.models import (
     MobileNetV2,
@@ -39,7 +40,6 @@ from blockzoo.models import (
 )
 from blockzoo.models.registry import CFG_KEYS, default_cfg
 from blockzoo.models.table import END, START, model_rows, update_doc
-from blockzoo.core import count_flops
 
 ISSUE_MODELS = {
     "resnet50", "se_resnet50", "gc_resnet50", "acmix_resnet50", "spd_resnet50", "sknet50",

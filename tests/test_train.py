@@ -23,8 +23,8 @@ from PIL import Image
 
 import blockzoo as bz
 from blockzoo.cli import main as cli_main
-from blockzoo.models import create_model
 from blockzoo.core import count_flops
+from blockzoo.models import create_model
 from blockzoo.train import bench, checkpoint, data, engine
 from blockzoo.train.cli import parse_kwargs
 from blockzoo.train.data import Augmented, build_data, make_synthetic

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from .registry import KINDS, block_info, list_blocks
 from .core.formatting import format_rows
+from .registry import KINDS, block_info, list_blocks
 from .train.cli import add_subcommands as add_train_subcommands
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -37,8 +37,8 @@ import torch
 from torch import nn
 
 from .blocks.base import Block
-from .registry import BlockInfo, block_info, create_block, list_blocks
 from .core.formatting import format_rows
+from .registry import BlockInfo, block_info, create_block, list_blocks
 
 Where = Callable[[str, nn.Module], bool] | str | Iterable[str] | None
 

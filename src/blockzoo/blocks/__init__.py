@@ -19,7 +19,7 @@ from .mobile import InvertedResidual
 from .residual import BasicResidual, Bottleneck, ResidualBlock, ResidualBottleneck
 from .selective_kernel import SKConv, SKUnit, clamp_groups
 from .separable import SeparableConv
-from .spd import SPDBottleneck, SPDConv, SpaceToDepth, space_to_depth
+from .spd import SpaceToDepth, SPDBottleneck, SPDConv, space_to_depth
 
 __all__ = [
     "ACmix",

@@ -20,9 +20,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..core.validation import check_positive_int
 from ..layers import ConvNormAct, LayerSpec, create_act
 from ..registry import register_block
-from ..core.validation import check_positive_int
 from .base import Block
 from .separable import SeparableConv
 

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..core.validation import check_positive_int
 from ..layers import LayerSpec, create_act, create_norm
 from ..registry import register_block
-from ..core.validation import check_positive_int
 from .base import Block
 
 

@@ -45,9 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.validation import check_positive_int
 from ..layers import LayerSpec, create_act, create_norm, same_padding
 from ..registry import register_block
-from ..core.validation import check_positive_int
 from .base import Block
 
 Strategy = Literal["auto", "aggregate", "mix"]

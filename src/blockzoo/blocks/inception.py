@@ -8,9 +8,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..core.validation import check_positive_int
 from ..layers import ConvNormAct, LayerSpec, make_divisible
 from ..registry import register_block
-from ..core.validation import check_positive_int
 from .base import Block
 
 #: inception(3a) of the paper's Table 1, the reference for the default widths: 192 input

@@ -23,7 +23,6 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..blocks.spd import SPDBottleneck

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from ..core.formatting import format_rows, replace_between_markers
 from ..core.counting import count_flops
+from ..core.formatting import format_rows, replace_between_markers
 from .registry import create_model, list_models, model_info
 
 START, END = "<!-- models:start -->", "<!-- models:end -->"

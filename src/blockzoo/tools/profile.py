@@ -32,8 +32,8 @@ from torch import nn
 from torch.profiler import ProfilerActivity
 from torch.profiler import profile as torch_profile
 
-from ..registry import block_info, create_block
 from ..core.counting import backward_from_sum, count_flops, count_parameters
+from ..registry import block_info, create_block
 
 
 @dataclass

@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .catalog import catalog_rows
 from ..core.formatting import format_rows, replace_between_markers
+from .catalog import catalog_rows
 
 START, END = "<!-- blocks:start -->", "<!-- blocks:end -->"
 

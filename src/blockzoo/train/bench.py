@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
-from ..registry import block_info
-from ..core.formatting import format_rows
 from ..core.counting import count_flops
+from ..core.formatting import format_rows
+from ..registry import block_info
 from .distributed import launched_by_torchrun
 from .engine import CHECKPOINT, METRICS, TrainConfig, read_metrics, train
 
