@@ -12,6 +12,9 @@ import blockzoo as bz
 #: bf16 autocast tolerance: ||y_bf16 - y_fp32|| / ||y_fp32|| must stay below this.
 BF16_RELATIVE_TOLERANCE = 5e-2
 
+#: Blocks without parameters or buffers (the points about parameters hold vacuously for them).
+PARAMETER_FREE = frozenset({"simam"})
+
 
 @dataclass(frozen=True)
 class Config:

@@ -17,7 +17,14 @@ from torch.export import Dim
 
 import blockzoo as bz
 
-from .contract import BF16_RELATIVE_TOLERANCE, Config, all_configs, configs, main_config
+from .contract import (
+    BF16_RELATIVE_TOLERANCE,
+    PARAMETER_FREE,
+    Config,
+    all_configs,
+    configs,
+    main_config,
+)
 
 NAMES = bz.list_blocks()
 CONFIGS = all_configs()
@@ -118,7 +125,8 @@ def test_device_and_dtype_arguments(name: str) -> None:
     cfg = main_config(name)
     block = cfg.build(device="cpu", dtype=torch.float64)
     tensors = list(block.parameters()) + [b for b in block.buffers() if b.is_floating_point()]
-    assert tensors and all(t.dtype == torch.float64 for t in tensors)
+    assert bool(tensors) != (name in PARAMETER_FREE), "declare parameter-free blocks in contract.py"
+    assert all(t.dtype == torch.float64 for t in tensors)
     y = _run(block.eval(), cfg.input(1, 6, 5, dtype=torch.float64))
     assert y.dtype == torch.float64
 
@@ -167,13 +175,14 @@ def test_half_precision_block_close_to_float32(name: str, dtype: torch.dtype) ->
     block = cfg.build().train()
     half = copy.deepcopy(block).to(dtype)
     block.load_state_dict({k: v.float() for k, v in half.state_dict().items()})
-    x = cfg.input(2, 9, 7).to(dtype)
+    x = cfg.input(2, 9, 7).to(dtype).requires_grad_()
     y = half(x)
     assert y.dtype == dtype
     y.float().square().mean().backward()
+    assert x.grad is not None and x.grad.dtype == dtype and torch.isfinite(x.grad).all()
     for pname, p in half.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), f"{name}: {pname}"
-    expected = block(x.float())
+    expected = block(x.detach().float())
     error = (y.detach().float() - expected).norm() / expected.norm().clamp_min(1e-12)
     tolerance = 1e-2 if dtype == torch.float16 else BF16_RELATIVE_TOLERANCE
     assert error < tolerance, float(error)

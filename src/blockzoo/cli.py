@@ -35,7 +35,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     compile_note = "yes" if info.fullgraph else "no (see notes)"
     print(f"{info.name}: {info.cls.__name__} ({info.kind})")
     print(f"  paper:    {info.paper} ({info.year})")
-    print(f"  arXiv:    {info.arxiv}  {info.arxiv_url}")
+    print(f"  paper id: {info.paper_id}  {info.paper_url}")
     print(f"  summary:  {info.summary}")
     print(f"  defaults: {defaults}")
     print(f"  contract: strides {strides}; {width}; torch.compile fullgraph: {compile_note}")

@@ -8,6 +8,7 @@ A block joins blockzoo by decorating its class with :func:`register_block`; from
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -32,6 +33,8 @@ class BlockInfo:
     the strides the block accepts. ``example_*`` is the small configuration the contract suite
     runs. ``fullgraph`` is False only where ``torch.compile(fullgraph=True)`` cannot work, with the
     reason in ``notes``. ``export_kwargs`` are constructor arguments used for ONNX export.
+    ``arxiv`` is the paper's arXiv id; for a paper never posted to arXiv it is the venue's own key
+    (e.g. ``"pmlr-v139-yang21o"``) and ``url`` gives the paper's page.
     """
 
     name: str
@@ -50,6 +53,7 @@ class BlockInfo:
     fullgraph: bool = True
     export_kwargs: dict[str, Any] = field(default_factory=dict)
     notes: str = ""
+    url: str = ""
 
     @property
     def defaults(self) -> dict[str, Any]:
@@ -71,8 +75,14 @@ class BlockInfo:
         return int(self.defaults.get("stride", 1))
 
     @property
-    def arxiv_url(self) -> str:
-        return f"https://arxiv.org/abs/{self.arxiv}"
+    def paper_id(self) -> str:
+        """``"arXiv 1807.06521"``, or the venue key for a paper not on arXiv."""
+        return self.arxiv if self.url else f"arXiv {self.arxiv}"
+
+    @property
+    def paper_url(self) -> str:
+        """The arXiv abstract page, or ``url`` for a paper not on arXiv."""
+        return self.url or f"https://arxiv.org/abs/{self.arxiv}"
 
 
 def register_block(
@@ -89,10 +99,14 @@ def register_block(
 
     May be stacked to register one class under several names with different ``preset`` kwargs.
     ``strides`` defaults to the class's ``allowed_strides``; a class that sets none (any stride)
-    must list the strides its entry stands for.
+    must list the strides its entry stands for. ``arxiv`` must be an arXiv id (``NNNN.NNNNN``)
+    unless ``url=`` gives the page of a paper that is not on arXiv.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown block kind {kind!r}; choose one of {KINDS}")
+    if not options.get("url") and not re.fullmatch(r"\d{4}\.\d+", arxiv):
+        raise ValueError(f"block {name!r}: arxiv must be an arXiv id such as '1807.06521', got "
+                         f"{arxiv!r}; give url= for a paper that is not on arXiv")
 
     def decorate(cls: type[nn.Module]) -> type[nn.Module]:
         if name in _REGISTRY and _REGISTRY[name].cls is not cls:

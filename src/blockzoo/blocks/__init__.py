@@ -1,7 +1,15 @@
 """Block families, one module per family. Importing this package registers every block."""
 
 from .acmix import ACmix, acmix_attention_unfold_reference, local_window_attention
-from .attention import CoordinateAttention, GlobalContext, SqueezeExcite
+from .attention import (
+    CBAM,
+    CoordinateAttention,
+    EfficientChannelAttention,
+    GlobalContext,
+    SimAM,
+    SqueezeExcite,
+    eca_kernel_size,
+)
 from .base import Block, ShapePreservingBlock, check_input
 from .cells import AmoebaNetNormalCell, NASNetNormalCell, relu_sepconv_bn
 from .deform import DeformConv2d, ModulatedDeformConv2d, deform_conv2d_torch
@@ -27,6 +35,7 @@ __all__ = [
     "BasicResidual",
     "Block",
     "Bottleneck",
+    "CBAM",
     "CondConv2d",
     "CoordinateAttention",
     "DeformConv2d",
@@ -34,6 +43,7 @@ __all__ = [
     "DenseLayer",
     "DynamicConv2d",
     "DynamicConvBnAct",
+    "EfficientChannelAttention",
     "GlobalContext",
     "Inception",
     "InvertedResidual",
@@ -49,12 +59,14 @@ __all__ = [
     "SeparableConv",
     "SpaceToDepth",
     "ShapePreservingBlock",
+    "SimAM",
     "SqueezeExcite",
     "TemperatureSchedule",
     "acmix_attention_unfold_reference",
     "check_input",
     "clamp_groups",
     "deform_conv2d_torch",
+    "eca_kernel_size",
     "involution2d",
     "involution_unfold_reference",
     "local_window_attention",

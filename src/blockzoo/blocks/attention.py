@@ -5,6 +5,12 @@
   arXiv 1904.11492
 - Coordinate Attention for Efficient Mobile Network Design, Hou et al., CVPR 2021,
   arXiv 2103.02907
+- CBAM: Convolutional Block Attention Module, Woo et al., ECCV 2018, arXiv 1807.06521
+- ECA-Net: Efficient Channel Attention for Deep Convolutional Neural Networks, Wang et al.,
+  CVPR 2020, arXiv 1910.03151
+- SimAM: A Simple, Parameter-Free Attention Module for Convolutional Neural Networks, Yang et
+  al., ICML 2021, PMLR 139:11863-11874 (never posted to arXiv; the registry's identifier is the
+  PMLR key ``pmlr-v139-yang21o``)
 
 Pooling is written as ``mean``/``sum`` reductions (no adaptive-pool modules), so every block
 exports to ONNX with dynamic spatial size.
@@ -12,10 +18,12 @@ exports to ONNX with dynamic spatial size.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
-from ..layers import LayerSpec, create_act, create_norm, make_divisible
+from ..layers import ConvNormAct, LayerSpec, create_act, create_norm, make_divisible
 from ..registry import register_block
 from .base import ShapePreservingBlock
 
@@ -237,3 +245,268 @@ class CoordinateAttention(ShapePreservingBlock):
         self.check_input(x)
         a_h, a_w = self.gates(x)
         return {"attention_map": (a_h * a_w).mean(dim=1)}
+
+
+def _elementwise_flops(x: torch.Tensor, ops_per_value: int) -> int:
+    """``ops_per_value`` FLOPs for every value of ``x`` (``N * C * H * W``).
+
+    The unit of ``extra_flops``: a multiply or an add (or a comparison in a max reduction) that
+    FlopCounterMode does not see counts 1, a multiply-add 2; activations are not counted, as
+    for every other block.
+    """
+    return ops_per_value * x.numel()
+
+
+@register_block(
+    "cbam",
+    paper="CBAM: Convolutional Block Attention Module",
+    arxiv="1807.06521",
+    year=2018,
+    summary="A channel gate from average- and max-pooled descriptors, then a 7x7 spatial gate.",
+    notes="Follows the authors' released code (Jongchan/attention-module, MODELS/cbam.py) where "
+    "it is more specific than the paper's figure: the MLP is two Linear layers with bias "
+    "(C -> C/16 -> C, ReLU) shared by both descriptors, whose outputs are summed before the "
+    "sigmoid; the spatial descriptor is the channel-wise max then mean (ChannelPool's order); "
+    "the 7x7 conv (2 -> 1, no bias) is followed by BatchNorm (eps 1e-5, momentum 0.01) and no "
+    "ReLU. zero_init_spatial=True zeroes that BN's weight as the authors' ResNet does.",
+    **_ATTENTION,
+)
+class CBAM(ShapePreservingBlock):
+    """Convolutional Block Attention Module (Woo et al., arXiv 1807.06521).
+
+    Channel gate: ``M_c = sigmoid(MLP(mean_hw(x)) + MLP(max_hw(x)))`` with one shared ``MLP =
+    Linear(C, C/r) -> ReLU -> Linear(C/r, C)`` (``r = reduction = 16``; the reduced width is
+    ``make_divisible(C / r, 1)``, at least ``min_channels = 1``, or ``rd_channels``);
+    ``x' = x * M_c``. Spatial gate, applied after: ``M_s = sigmoid(BN(conv7x7([max_c(x');
+    mean_c(x')])))``; ``out = x' * M_s``.
+
+    As the authors' code (MODELS/cbam.py): the pooled map stacks the channel max before the
+    mean, the 7x7 conv has no bias and its BatchNorm has momentum 0.01 (PyTorch convention) and
+    no ReLU after it. Their ResNet initialisation zeroes the spatial BN's weight, so that a fresh
+    spatial gate is the constant 0.5: ``zero_init_spatial=True`` does the same.
+
+    Shapes: ``(N, C, H, W) -> (N, C, H, W)``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int | None = None,
+        stride: int = 1,
+        *,
+        reduction: float = 16,
+        rd_channels: int | None = None,
+        min_channels: int = 1,
+        spatial_kernel_size: int = 7,
+        act_layer: LayerSpec = "relu",
+        norm_layer: LayerSpec = "batchnorm",
+        zero_init_spatial: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(in_channels, out_channels, stride)
+        self.require(reduction > 0, f"reduction must be positive, got {reduction}")
+        self.require(
+            isinstance(spatial_kernel_size, int) and spatial_kernel_size > 0
+            and spatial_kernel_size % 2 == 1,
+            f"spatial_kernel_size must be a positive odd int, got {spatial_kernel_size!r}",
+        )
+        if rd_channels is None:
+            rd_channels = make_divisible(in_channels / reduction, 1, min_value=min_channels)
+        self.rd_channels = rd_channels
+        self.mlp = nn.Sequential(
+            nn.Linear(in_channels, rd_channels), create_act(act_layer),
+            nn.Linear(rd_channels, in_channels),
+        )
+        self.spatial = ConvNormAct(
+            2, 1, spatial_kernel_size, norm_layer=norm_layer, act_layer=None
+        )
+        if isinstance(self.spatial.bn, nn.modules.batchnorm._BatchNorm):
+            self.spatial.bn.momentum = 0.01
+            if zero_init_spatial:
+                nn.init.zeros_(self.spatial.bn.weight)
+        self.place(device, dtype)
+
+    def channel_gate(self, x: torch.Tensor) -> torch.Tensor:
+        """``M_c`` of shape ``(N, C)``."""
+        descriptors = torch.stack([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], dim=1)  # (N, 2, C)
+        return torch.sigmoid(self.mlp(descriptors).sum(dim=1))
+
+    def spatial_gate(self, x: torch.Tensor) -> torch.Tensor:
+        """``M_s`` of shape ``(N, 1, H, W)`` for the channel-gated features ``x``."""
+        pooled = torch.cat([x.amax(dim=1, keepdim=True), x.mean(dim=1, keepdim=True)], dim=1)
+        return torch.sigmoid(self.spatial(pooled))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        x = x * self.channel_gate(x)[:, :, None, None]
+        return x * self.spatial_gate(x)
+
+    def explain(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The channel gate ``M_c`` ``(N, C)`` and the spatial map ``M_s`` ``(N, H, W)``."""
+        self.check_input(x)
+        gate = self.channel_gate(x)
+        return {
+            "channel_gate": gate,
+            "spatial_map": self.spatial_gate(x * gate[:, :, None, None])[:, 0],
+        }
+
+    def extra_flops(self, x: torch.Tensor) -> int:
+        """Elementwise FLOPs (see :func:`_elementwise_flops`): one per value for each of the
+        average pool, the max pool, the channel gating, the channel max, the channel mean and the
+        spatial gating: ``6 * N * C * H * W``. The MLP and the 7x7 conv are counted by
+        FlopCounterMode."""
+        return _elementwise_flops(x, 6)
+
+
+def eca_kernel_size(channels: int, gamma: float = 2, b: float = 1) -> int:
+    """ECA's adaptive 1-D kernel size ``k = |log2(C) / gamma + b / gamma|_odd``.
+
+    Computed as in the paper's code listing: ``t = int(|(log2(C) + b) / gamma|)``, ``k = t`` if
+    ``t`` is odd, else ``t + 1``: the odd number nearest to ``(log2(C) + b) / gamma``, ties (an
+    even integer) going up. With ``gamma = 2``, ``b = 1``: C = 64 -> 3, 128 -> 5, 256 -> 5,
+    512 -> 5, 1024 -> 5, 2048 -> 7. ``math.log2`` is exact at powers of two.
+    """
+    t = int(abs((math.log2(channels) + b) / gamma))
+    return t if t % 2 else t + 1
+
+
+@register_block(
+    "eca",
+    paper="ECA-Net: Efficient Channel Attention for Deep Convolutional Neural Networks",
+    arxiv="1910.03151",
+    year=2020,
+    summary="Channel gate from a 1-D conv across pooled channels, kernel size adapted to C.",
+    notes="Follows the authors' eca_layer (BangguWu/ECANet, models/eca_module.py): global "
+    "average pool, Conv1d(1, 1, k, padding (k - 1) // 2, no bias) across the channels, "
+    "sigmoid, no reduction. k from the paper's rule (gamma 2, b 1) unless kernel_size is "
+    "given; the authors' released ImageNet ECA-ResNet-50 (k3557) uses k = 3 in its first stage "
+    "where the rule gives 5.",
+    **_ATTENTION,
+)
+class EfficientChannelAttention(ShapePreservingBlock):
+    """Efficient channel attention, ECA (Wang et al., arXiv 1910.03151).
+
+    ``y = mean_hw(x)`` ``(N, C)``; ``s = sigmoid(conv1d_k(y))``, a 1-D convolution of kernel
+    ``k`` across the channel axis (zero padding ``(k - 1) / 2``, no bias: ``k`` weights), so
+    each channel's gate sees its ``k`` neighbours without dimensionality reduction;
+    ``out = x * s``. ``k = kernel_size`` or, when ``None``, :func:`eca_kernel_size` of
+    ``in_channels`` with ``gamma = 2``, ``b = 1``.
+
+    Shapes: ``(N, C, H, W) -> (N, C, H, W)``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int | None = None,
+        stride: int = 1,
+        *,
+        kernel_size: int | None = None,
+        gamma: float = 2,
+        b: float = 1,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(in_channels, out_channels, stride)
+        self.require(gamma > 0, f"gamma must be positive, got {gamma}")
+        if kernel_size is None:
+            kernel_size = eca_kernel_size(in_channels, gamma, b)
+        self.require(
+            isinstance(kernel_size, int) and kernel_size > 0 and kernel_size % 2 == 1,
+            f"kernel_size must be None (adaptive) or a positive odd int, got {kernel_size!r}",
+        )
+        self.kernel_size = kernel_size
+        self.conv = nn.Conv1d(1, 1, kernel_size, padding=(kernel_size - 1) // 2, bias=False)
+        self.place(device, dtype)
+
+    def channel_gate(self, x: torch.Tensor) -> torch.Tensor:
+        """``s`` of shape ``(N, C)``."""
+        return torch.sigmoid(self.conv(x.mean(dim=(2, 3))[:, None, :]))[:, 0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        return x * self.channel_gate(x)[:, :, None, None]
+
+    def explain(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The channel gate ``s`` of shape ``(N, C)``."""
+        self.check_input(x)
+        return {"channel_gate": self.channel_gate(x)}
+
+    def extra_flops(self, x: torch.Tensor) -> int:
+        """Elementwise FLOPs (see :func:`_elementwise_flops`): the average pool and the gating,
+        ``2 * N * C * H * W``; FlopCounterMode counts the 1-D conv."""
+        return _elementwise_flops(x, 2)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, kernel_size={self.kernel_size}"
+
+
+@register_block(
+    "simam",
+    paper="SimAM: A Simple, Parameter-Free Attention Module for Convolutional Neural Networks",
+    arxiv="pmlr-v139-yang21o",
+    url="https://proceedings.mlr.press/v139/yang21o.html",
+    year=2021,
+    summary="Parameter-free 3-D weights from each neuron's energy against its channel's others.",
+    notes="ICML 2021 (PMLR 139), not on arXiv: the identifier is the PMLR key. Follows the "
+    "authors' simam_module (ZjjConan/SimAM): n = H*W - 1, d = (x - mean)^2, "
+    "y = d / (4 * (sum(d) / n + e_lambda)) + 0.5, out = x * sigmoid(y), e_lambda = 1e-4 (the "
+    "module's default and its CIFAR runs; the README's ImageNet runs pass 0.1). No parameters: "
+    "the contract's 'every parameter gets a gradient' holds vacuously (the input gradient is "
+    "still checked). For H*W = 1 the code's n = 0 gives 0/0; here n is at least 1, so a "
+    "single position gets y = 0.5 (d = 0).",
+    **_ATTENTION,
+)
+class SimAM(ShapePreservingBlock):
+    """SimAM (Yang et al., ICML 2021, PMLR 139:11863-11874, ``pmlr-v139-yang21o``; no arXiv id).
+
+    Every neuron ``t`` of a channel gets the inverse of its minimal energy against the other
+    ``n = H * W - 1`` neurons of that channel (closed form, Eqn. 6):
+    ``d = (t - mu)^2``, ``sigma^2 = sum_hw(d) / n``, ``1/e* = d / (4 (sigma^2 + lambda)) + 0.5``;
+    ``out = x * sigmoid(1/e*)``. ``e_lambda`` is ``lambda = 1e-4`` as in the authors' module.
+    No parameters. ``n`` is clamped to at least 1, so a 1x1 map (``d = 0``) gets
+    ``sigmoid(0.5)`` instead of ``0 / 0``.
+
+    Shapes: ``(N, C, H, W) -> (N, C, H, W)``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int | None = None,
+        stride: int = 1,
+        *,
+        e_lambda: float = 1e-4,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(in_channels, out_channels, stride)
+        self.require(e_lambda > 0, f"e_lambda must be positive, got {e_lambda}")
+        self.e_lambda = e_lambda
+        self.place(device, dtype)
+
+    def position_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """``sigmoid(1/e*)`` of shape ``(N, C, H, W)``."""
+        n = torch.sym_max(x.shape[2] * x.shape[3] - 1, 1)
+        d = (x - x.mean(dim=(2, 3), keepdim=True)).square()
+        variance = d.sum(dim=(2, 3), keepdim=True) / n
+        return torch.sigmoid(d / (4 * (variance + self.e_lambda)) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        return x * self.position_weights(x)
+
+    def explain(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The per-position weights ``sigmoid(1/e*)`` of shape ``(N, C, H, W)``."""
+        self.check_input(x)
+        return {"position_weights": self.position_weights(x)}
+
+    def extra_flops(self, x: torch.Tensor) -> int:
+        """Elementwise FLOPs (see :func:`_elementwise_flops`) per value: the mean's sum (1),
+        the subtraction and square (2), the sum of ``d`` (1), ``d / (4 (sigma^2 + lambda)) +
+        0.5`` as a multiply-add (2) and the gating (1): ``7 * N * C * H * W``."""
+        return _elementwise_flops(x, 7)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, e_lambda={self.e_lambda}"

@@ -187,7 +187,7 @@ def visualize(
     axes[0].set_xlabel(EXTRACTOR_CAPTION, fontsize=7)
     for ax, (key, value) in zip(axes[1:], explained.items(), strict=True):
         _draw(ax, fig, key, value, picture, feature_hw)
-    fig.suptitle(f"blockzoo viz: {name} - {info.paper} (arXiv {info.arxiv})", fontsize=10)
+    fig.suptitle(f"blockzoo viz: {name} - {info.paper} ({info.paper_id})", fontsize=10)
     fig.tight_layout()
     path = Path(out) if out else Path("reports") / f"viz_{name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
