@@ -4,6 +4,9 @@
 - Squeeze-and-Excitation Networks, Hu et al., CVPR 2018, arXiv 1709.01507
 - GCNet: Non-local Networks Meet Squeeze-Excitation Networks and Beyond, Cao et al., 2019,
   arXiv 1904.11492
+- CBAM: Convolutional Block Attention Module, Woo et al., ECCV 2018, arXiv 1807.06521
+- ECA-Net: Efficient Channel Attention for Deep Convolutional Neural Networks, Wang et al.,
+  CVPR 2020, arXiv 1910.03151
 - On the Integration of Self-Attention and Convolution (ACmix), Pan et al., CVPR 2022,
   arXiv 2111.14556
 - No More Strided Convolutions or Pooling (SPD-Conv), Sunkara & Luo, ECML PKDD 2022,
@@ -125,7 +128,7 @@ class ResNetLike(StagedNet):
       ``"involution"``, ``"acmix"``, ``"deform_conv"``, ...) that replaces the 3x3 conv of every
       bottleneck, built with ``conv_kwargs``; ``conv_norm_act=False`` drops the BN + ReLU after it
       (for conv blocks that end in their own, as SK's).
-    - ``attention``: a registered attention-kind block (``"se"``, ``"gc"``, ``"coord_att"``) put
+    - ``attention``: a registered attention-kind block (``"se"``, ``"cbam"``, ``"eca"``, ...) put
       after the last BN of every block of the stages in ``attention_stages`` (0-based; default:
       all), before the residual add, built with ``attention_kwargs``.
     - ``block_kwargs``: more keyword arguments for every block (e.g. ``cardinality``).
@@ -262,6 +265,48 @@ register_model(
         "parameters.",
     ),
     attention="gc", attention_stages=(1, 2, 3),
+)
+
+register_model(
+    "cbam_resnet50", ResNetLike,
+    default_cfg(
+        paper="CBAM: Convolutional Block Attention Module", arxiv="1807.06521",
+        paper_params_m=28.09, paper_gmacs=3.864, paper_top1=77.34,
+        training="CBAM authors' ImageNet script (Jongchan/attention-module, "
+        "train_imagenet_resnet50_cbam.sh): SGD momentum 0.9, weight decay 1e-4, batch 256, lr "
+        "0.1 divided by 10 every 30 epochs, 100 epochs, random-resized 224 crops and flips.",
+        notes="CBAM (shared MLP r16 with biases over average- and max-pooled descriptors, then "
+        "the 7x7 spatial gate with BN) after the last BN of every bottleneck, before the add, "
+        "as the authors' model_resnet.py; their initialisation zeroes the spatial gate's BN "
+        "weight (zero_init_spatial=True). 28,089,624 parameters: SE-ResNet-50's 28,088,024 plus "
+        "100 per block for the spatial gate (7x7x2 conv weights, BN weight and bias). Paper "
+        "top-1 is 100 - 22.66 (Table 4, single crop); its 3.864 GFLOPs are multiply-adds of "
+        "the v1 layout (its ResNet-50 row: 3.858), while the authors' code, as built here, "
+        "strides the 3x3 conv (v1.5, 4.1 GMACs).",
+    ),
+    attention="cbam", attention_kwargs={"zero_init_spatial": True},
+)
+
+register_model(
+    "eca_resnet50", ResNetLike,
+    default_cfg(
+        paper="ECA-Net: Efficient Channel Attention for Deep Convolutional Neural Networks",
+        arxiv="1910.03151", paper_params_m=25.55, paper_gmacs=4.14, paper_top1=77.48,
+        training="ECA-Net authors' main.py (BangguWu/ECANet): SGD momentum 0.9, weight decay "
+        "1e-4, batch 256, lr 0.1 divided by 10 every 30 epochs, 100 epochs, random-resized 224 "
+        "crops and flips.",
+        notes="ECA after the last BN of every bottleneck, before the add, as the authors' "
+        "eca_resnet.py, with the paper's adaptive kernel size (gamma 2, b 1): k = 5, 5, 5, 7 "
+        "for the 256/512/1024/2048-channel stages, 86 parameters in all. The paper prints "
+        "24.37M parameters and 3.86 GFLOPs (for ResNet-50 as for ECA-Net50): thop counts "
+        "written in binary units by the repository's paras_flops.py (clever_format divides by "
+        "1024^2 and 1024^3): 24.37 x 1024^2 = 25.55M parameters and 3.86 x 1024^3 = 4.14e9 "
+        "multiply-adds, the decimal values paper_params_m and paper_gmacs hold. This network has "
+        "25,557,118 parameters (= 24.37 x 1024^2, torchvision's 25,557,032 plus 86). The "
+        "paper's '80 parameters' and the released weights (eca_resnet50_k3557) use k = 3 in "
+        "the first stage, where the rule gives 5.",
+    ),
+    attention="eca",
 )
 
 register_model(

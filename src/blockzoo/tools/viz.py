@@ -5,10 +5,11 @@ stage, random weights with seed 0: no pretrained weights are downloaded), then t
 whose ``explain(x)`` hook returns a dict of tensors. The visualiser draws the entries it knows by
 name, so it never reaches into a block's private attributes:
 
-- ``context_mask``, ``attention_map`` ``(N, H, W)``: a heatmap over the image (GC's softmax
-  context mask, coordinate attention's ``a_h x a_w``);
-- ``channel_gate`` ``(N, C)``, ``routing_weights`` ``(N, K)``: bar charts (SE's gate,
-  dynamic/cond conv expert weights);
+- ``context_mask``, ``attention_map``, ``spatial_map`` ``(N, H, W)``: a heatmap over the image
+  (GC's softmax context mask, coordinate attention's ``a_h x a_w``, CBAM's spatial gate);
+- ``position_weights`` ``(N, C, H, W)``: a heatmap of the channel mean (SimAM's 3-D weights);
+- ``channel_gate`` ``(N, C)``, ``routing_weights`` ``(N, K)``: bar charts (SE's, CBAM's and
+  ECA's gates, dynamic/cond conv expert weights);
 - ``branch_weights`` ``(N, M, C)``: per-branch bars over the first channels (SK: small vs large
   kernel);
 - ``kernels`` ``(N, G, K, K, H, W)`` and ``attention`` ``(N, heads, K * K, H, W)``: the
@@ -92,9 +93,18 @@ def _local_windows(key: str, value: np.ndarray) -> np.ndarray | None:
     return None
 
 
+def _heatmap(key: str, value: np.ndarray) -> np.ndarray | None:
+    """``(H, W)`` map from an ``explain`` entry drawn as a heatmap, else None."""
+    if key in _HEATMAPS and value.ndim == 2:
+        return value
+    if key == "position_weights" and value.ndim == 3:
+        return value.mean(axis=0)
+    return None
+
+
 def _drawable(key: str, value: np.ndarray) -> bool:
     return (
-        (key in _HEATMAPS and value.ndim == 2)
+        _heatmap(key, value) is not None
         or (key in _BARS and value.ndim == 1)
         or (key == "branch_weights" and value.ndim == 2)
         or (key == "sampling_points" and value.ndim == 4)
@@ -102,19 +112,21 @@ def _drawable(key: str, value: np.ndarray) -> bool:
     )
 
 
-_HEATMAPS = ("context_mask", "attention_map")
+_HEATMAPS = ("context_mask", "attention_map", "spatial_map")
 _BARS = {"channel_gate": "channel", "routing_weights": "expert"}
 
 
 def _draw(ax, fig, key: str, value: np.ndarray, image: np.ndarray, feature_hw: tuple) -> None:
     size = image.shape[0]
     windows = _local_windows(key, value)
-    if key in _HEATMAPS:
-        heat = F.interpolate(torch.from_numpy(value)[None, None].float(), size=(size, size),
+    heatmap = _heatmap(key, value)
+    if heatmap is not None:
+        heat = F.interpolate(torch.from_numpy(heatmap)[None, None].float(), size=(size, size),
                              mode="bilinear", align_corners=False)[0, 0].numpy()
         ax.imshow(image)
         im = ax.imshow(heat, cmap="jet", alpha=0.5)
-        fig.colorbar(im, ax=ax, fraction=0.046, label=key)
+        label = f"{key} (mean over channels)" if heatmap is not value else key
+        fig.colorbar(im, ax=ax, fraction=0.046, label=label)
     elif key in _BARS:
         ax.bar(np.arange(len(value)), value, color="tab:blue", label=key)
         ax.set_xlabel(_BARS[key])
