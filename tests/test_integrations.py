@@ -167,6 +167,20 @@ def test_bad_rows_raise_clear_errors(yolo: object) -> None:
             tasks.ClassificationModel(_tiny([-1, 1, "bz.dense", []]), verbose=False)
 
 
+@pytest.mark.parametrize(
+    ("row_name", "cls"),
+    [("bz.cbam", "CBAM"), ("CBAM", "CBAM"), ("bz.eca", "EfficientChannelAttention"),
+     ("EfficientChannelAttention", "EfficientChannelAttention"), ("SimAM", "SimAM")],
+)
+def test_cbam_eca_simam_rows_in_a_yaml(yolo: object, row_name: str, cls: str) -> None:
+    tasks = _tasks()
+    model = tasks.ClassificationModel(_tiny([-1, 1, row_name, []]), verbose=False).eval()
+    block = model.model[1]
+    assert isinstance(block, getattr(bz, cls)) and block.in_channels == 16
+    out = model(torch.randn(1, 3, 64, 96))
+    assert (out[0] if isinstance(out, tuple) else out).shape == (1, 5)
+
+
 def test_unregister_restores_ultralytics_parse_model(yolo) -> None:
     tasks = _tasks()
     assert yolo.is_registered()
@@ -216,6 +230,20 @@ def test_attn_layer_through_timm_create_attn(timm_bz) -> None:
     assert se.fc1.weight.dtype == torch.float64
     with pytest.raises(ValueError, match="shape must not change"):
         timm_bz.attn_layer("spd_conv")
+
+
+@pytest.mark.parametrize("name", ["cbam", "eca", "simam"])
+def test_cbam_eca_simam_as_timm_attn_layer(timm_bz, name: str) -> None:
+    import timm
+
+    with no_network():
+        model = timm.create_model(
+            "resnet10t", pretrained=False, num_classes=3,
+            block_args=dict(attn_layer=timm_bz.attn_layer(name)),
+        ).eval()
+    found = [m for m in model.modules() if isinstance(m, bz.block_info(name).cls)]
+    assert [m.in_channels for m in found] == [64, 128, 256, 512]
+    assert model(torch.randn(1, 3, 64, 48)).shape == (1, 3)
 
 
 class _TinyNet(nn.Module):

@@ -121,6 +121,8 @@ PAPER_PARAMS = {
     "resnet50": 25.6,  # ResNet-50, as cited everywhere (torchvision 25,557,032)
     "se_resnet50": 28.1,  # SENet
     "gc_resnet50": 28.08,  # GCNet, GC r16 on c3-c5
+    "cbam_resnet50": 28.09,  # CBAM, Table 4
+    "eca_resnet50": 25.55,  # ECA-Net: its 24.37 "M" is in units of 1024^2
     "acmix_resnet50": 18.6,  # ACmix, Table (ResNet-50)
     "sknet50": 27.5,  # SKNet README Table 2
     "sknet101": 48.9,
