@@ -277,6 +277,18 @@ def test_simam_is_parameter_free_and_defined_on_a_single_position() -> None:
         bz.SimAM(8, e_lambda=0)
 
 
+def test_simam_keeps_h_times_w_dynamic_under_tracing_and_float16_on_a_large_map() -> None:
+    simam = bz.SimAM(4)
+    traced = torch.jit.trace(simam, torch.randn(2, 4, 5, 4))
+    for shape in [(1, 4, 9, 3), (3, 4, 1, 1), (2, 4, 16, 16)]:
+        x = torch.randn(*shape)
+        torch.testing.assert_close(traced(x), simam(x))
+    x = torch.randn(1, 4, 260, 260)  # 67,600 positions: a float16 sum of d would overflow
+    y = simam(x.half())
+    assert y.dtype == torch.float16
+    torch.testing.assert_close(y.float(), simam(x), rtol=1e-2, atol=1e-2)
+
+
 # --------------------------------------------------------------------------- FLOPs
 
 

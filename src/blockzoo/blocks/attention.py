@@ -466,7 +466,8 @@ class SimAM(ShapePreservingBlock):
     ``d = (t - mu)^2``, ``sigma^2 = sum_hw(d) / n``, ``1/e* = d / (4 (sigma^2 + lambda)) + 0.5``;
     ``out = x * sigmoid(1/e*)``. ``e_lambda`` is ``lambda = 1e-4`` as in the authors' module.
     No parameters. ``n`` is clamped to at least 1, so a 1x1 map (``d = 0``) gets
-    ``sigmoid(0.5)`` instead of ``0 / 0``.
+    ``sigmoid(0.5)`` instead of ``0 / 0``; ``sum(d) / n`` is computed as ``mean(d) * M / n``
+    (``M = H * W``), which a float16 map of more than 65,504 positions cannot overflow.
 
     Shapes: ``(N, C, H, W) -> (N, C, H, W)``.
     """
@@ -488,9 +489,13 @@ class SimAM(ShapePreservingBlock):
 
     def position_weights(self, x: torch.Tensor) -> torch.Tensor:
         """``sigmoid(1/e*)`` of shape ``(N, C, H, W)``."""
-        n = torch.sym_max(x.shape[2] * x.shape[3] - 1, 1)
+        # M = H * W counted as a tensor (float32 at least), so that jit.trace, torch.compile and
+        # ONNX export all keep it dynamic; sum(d) / n is taken as mean(d) * M / n, so that a
+        # float16 sum over a large map cannot overflow.
+        count_dtype = torch.promote_types(x.dtype, torch.float32)
+        positions = x.new_ones((), dtype=count_dtype).expand(x.shape[2], x.shape[3]).sum()
         d = (x - x.mean(dim=(2, 3), keepdim=True)).square()
-        variance = d.sum(dim=(2, 3), keepdim=True) / n
+        variance = d.mean(dim=(2, 3), keepdim=True) * (positions / (positions - 1).clamp_min(1))
         return torch.sigmoid(d / (4 * (variance + self.e_lambda)) + 0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
