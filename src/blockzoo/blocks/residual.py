@@ -16,13 +16,14 @@ place of the 3x3 conv (DY-Conv, SK, involution, ACmix, deformable ResNets).
 
 from __future__ import annotations
 
+import inspect
 from collections import OrderedDict
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..layers import ConvNormAct, LayerSpec, create_act, create_norm
+from ..layers import ConvNormAct, LayerSpec, create_act
 from ..registry import block_info, create_block, list_blocks, register_block
 from .base import Block
 
@@ -89,6 +90,47 @@ def bottleneck_width(
     return per_group * cardinality
 
 
+def conv_unit(
+    block: Block,
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int,
+    stride: int = 1,
+    *,
+    groups: int = 1,
+    conv: str | None = None,
+    conv_kwargs: dict[str, Any] | None = None,
+    norm_layer: LayerSpec = "batchnorm",
+    act_layer: LayerSpec = "relu",
+) -> ConvNormAct:
+    """``conv -> norm -> act`` (:class:`~blockzoo.layers.ConvNormAct`), the conv optionally a block.
+
+    ``conv`` names a registered conv-kind block that takes the place of the ``nn.Conv2d``: it is
+    built as ``create_block(conv, in_channels, out_channels, stride, **geometry, **conv_kwargs)``
+    where ``geometry`` holds the plain conv's ``kernel_size``, ``groups`` and ``bias`` (no bias
+    when a norm follows), each passed only if the block's constructor takes it; ``conv_kwargs``
+    win. A grouped conv needs a block that takes ``groups``. This is the one conv-swap mechanism
+    of the networks: the bottleneck's 3x3 conv and every conv of the inverted residual block.
+    """
+    if conv is None:
+        block.require(not conv_kwargs, f"conv_kwargs {conv_kwargs} given without a conv block")
+        module = None
+    else:
+        _registered(block, "conv", conv, "conv")
+        accepted = inspect.signature(block_info(conv).cls.__init__).parameters
+        geometry = {"kernel_size": kernel_size, "groups": groups, "bias": norm_layer is None}
+        block.require(
+            groups == 1 or "groups" in accepted,
+            f"conv={conv!r} takes no groups, so it cannot replace a conv with {groups} groups "
+            f"({in_channels} -> {out_channels} channels)",
+        )
+        kwargs = {k: v for k, v in geometry.items() if k in accepted}
+        module = create_block(conv, in_channels, out_channels, stride,
+                              **{**kwargs, **(conv_kwargs or {})})
+    return ConvNormAct(in_channels, out_channels, kernel_size, stride, groups=groups,
+                       norm_layer=norm_layer, act_layer=act_layer, conv=module)
+
+
 def bottleneck_body(
     block: Block,
     width: int,
@@ -103,25 +145,18 @@ def bottleneck_body(
     """``conv1`` 1x1 in -> width, ``conv2`` 3x3 (stride, groups) and ``conv3`` 1x1 width -> out.
 
     Each is conv + norm; ``conv1`` and ``conv2`` are followed by the activation, ``conv3`` is not.
-    ``conv`` names a registered conv-kind block that replaces ``conv2``'s convolution, built as
-    ``create_block(conv, width, width, stride=stride, **conv_kwargs)``; the norm and activation
-    follow it unless ``conv_norm_act=False`` (for conv blocks that end in their own norm and
-    activation, as SKNet's selective-kernel conv does).
+    ``conv`` names a registered conv-kind block that replaces ``conv2``'s convolution (see
+    :func:`conv_unit`); the norm and activation follow it unless ``conv_norm_act=False`` (for
+    conv blocks that end in their own norm and activation, as SKNet's selective-kernel conv does).
     """
-    if conv is None:
-        block.require(not conv_kwargs, f"conv_kwargs {conv_kwargs} given without a conv block")
-        block.require(conv_norm_act, "conv_norm_act=False needs a conv block (conv=...)")
-        conv2 = ConvNormAct(
-            width, width, 3, block.stride, groups=cardinality,
-            norm_layer=norm_layer, act_layer=act_layer,
-        )
-    else:
-        _registered(block, "conv", conv, "conv")
-        conv2 = nn.Sequential(OrderedDict(
-            conv=create_block(conv, width, width, block.stride, **(conv_kwargs or {})),
-            bn=create_norm(norm_layer if conv_norm_act else None, width),
-            act=create_act(act_layer if conv_norm_act else None),
-        ))
+    block.require(conv_norm_act or conv is not None,
+                  "conv_norm_act=False needs a conv block (conv=...)")
+    keep = conv_norm_act
+    conv2 = conv_unit(
+        block, width, width, 3, block.stride, groups=cardinality, conv=conv,
+        conv_kwargs=conv_kwargs, norm_layer=norm_layer if keep else None,
+        act_layer=act_layer if keep else None,
+    )
     return nn.Sequential(OrderedDict(
         conv1=ConvNormAct(block.in_channels, width, 1, norm_layer=norm_layer, act_layer=act_layer),
         conv2=conv2,
