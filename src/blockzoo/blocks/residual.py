@@ -66,7 +66,6 @@ def bottleneck_width(
     expansion: int,
     cardinality: int,
     base_width: int,
-    expansion_name: str = "expansion",
 ) -> int:
     """Width of the 3x3 conv: ``floor(out / expansion * base_width / 64) * cardinality``.
 
@@ -75,7 +74,7 @@ def bottleneck_width(
     ``4 * 32 = 128`` for ``out = 256``. Every group must get at least one channel.
     """
     for name, value in (
-        (expansion_name, expansion), ("cardinality", cardinality), ("base_width", base_width)
+        ("expansion", expansion), ("cardinality", cardinality), ("base_width", base_width)
     ):
         block.require(
             isinstance(value, int) and not isinstance(value, bool) and value >= 1,
@@ -85,7 +84,7 @@ def bottleneck_width(
     block.require(
         per_group >= 1,
         f"the 3x3 conv gets floor({out_channels} / {expansion} * {base_width} / 64) = 0 channels "
-        f"per group; use more out_channels, a larger base_width or a smaller {expansion_name}",
+        f"per group; use more out_channels, a larger base_width or a smaller expansion",
     )
     return per_group * cardinality
 
@@ -174,8 +173,8 @@ class Bottleneck(Block):
     """The ResNet bottleneck without its shortcut (He et al., arXiv 1512.03385, Fig. 5 right).
 
     ``1x1 conv in -> mid + BN + ReLU -> 3x3 conv mid -> mid (stride) + BN + ReLU -> 1x1 conv
-    mid -> out + BN``, no activation at the end. ``mid = out / reduction`` (``reduction = 4``:
-    64 -> 256 gives ``mid = 64``, 58,112 parameters); with ``cardinality``/``base_width`` the
+    mid -> out + BN``, no activation at the end. ``mid = out / expansion`` (``expansion = 4``:
+    64 -> 256 gives ``mid = 64``); with ``cardinality``/``base_width`` the
     3x3 conv is grouped and ``mid`` follows ResNeXt (see :func:`bottleneck_width`). ``conv``
     names a conv-kind block that replaces the 3x3 conv (see :func:`bottleneck_body`).
 
@@ -190,7 +189,7 @@ class Bottleneck(Block):
         out_channels: int | None = None,
         stride: int = 1,
         *,
-        reduction: int = 4,
+        expansion: int = 4,
         cardinality: int = 1,
         base_width: int = 64,
         conv: str | None = None,
@@ -202,9 +201,7 @@ class Bottleneck(Block):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(in_channels, out_channels, stride)
-        self.width = bottleneck_width(
-            self, self.out_channels, reduction, cardinality, base_width, "reduction"
-        )
+        self.width = bottleneck_width(self, self.out_channels, expansion, cardinality, base_width)
         self.body = bottleneck_body(
             self, self.width, cardinality=cardinality, conv=conv, conv_kwargs=conv_kwargs,
             conv_norm_act=conv_norm_act, act_layer=act_layer, norm_layer=norm_layer,
@@ -214,6 +211,15 @@ class Bottleneck(Block):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         return self.body(x)
+
+
+def residual_shortcut(block: Block, norm_layer: LayerSpec = "batchnorm") -> nn.Module:
+    """The shortcut of a residual ``block``: the identity when its shape is kept, else a 1x1 conv
+    with the block's stride + norm (the ResNet paper's projection shortcut, option B)."""
+    if block.in_channels == block.out_channels and block.stride == 1:
+        return nn.Identity()
+    return ConvNormAct(block.in_channels, block.out_channels, 1, block.stride,
+                       norm_layer=norm_layer, act_layer=None)
 
 
 class ResidualBlock(Block):
@@ -238,13 +244,7 @@ class ResidualBlock(Block):
     ) -> None:
         self.body = body
         self.attention = attention_block(self, attention, self.out_channels, attention_kwargs)
-        if self.in_channels == self.out_channels and self.stride == 1:
-            self.shortcut: nn.Module = nn.Identity()
-        else:
-            self.shortcut = ConvNormAct(
-                self.in_channels, self.out_channels, 1, self.stride,
-                norm_layer=norm_layer, act_layer=None,
-            )
+        self.shortcut = residual_shortcut(self, norm_layer)
         self.act = create_act(act_layer)
         if zero_init_last:
             last_norm = body[-1].bn
