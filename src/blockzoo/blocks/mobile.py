@@ -35,7 +35,7 @@ class InvertedResidual(Block):
     conv hidden -> out + BN`` (the linear bottleneck: no activation at the end), with
     ``hidden = round(in * expand_ratio)`` (``t = 6``). ``expand_ratio=1`` drops the expansion
     conv, as in MobileNetV2's first block. ``out = x + F(x)`` only when ``stride == 1`` and
-    ``in == out``; otherwise ``out = F(x)``. 24 -> 24 with ``t = 6`` has 8,832 parameters.
+    ``in == out``; otherwise ``out = F(x)``.
 
     ``conv`` names a conv-kind block (``"dynamic_conv"``, ...) that takes the place of every
     convolution of the block (expansion 1x1, depthwise 3x3 and projection 1x1), built with that

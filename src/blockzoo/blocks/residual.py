@@ -285,9 +285,8 @@ class ResidualBottleneck(ResidualBlock):
     shape changes (the paper's option B). The stride is on the 3x3 conv ("ResNet v1.5").
 
     ``D = floor(out / expansion * base_width / 64) * cardinality`` (torchvision's ``width``):
-    ``residual`` (``expansion=4, cardinality=1, base_width=64``) gives ``D = out / 4``, so
-    ResNet-50's first block 64 -> 256 has 75,008 parameters with its projection shortcut;
-    ``resnext`` presets ``cardinality=32, base_width=4`` (ResNeXt 32x4d, ``D = 128`` for
+    ``residual`` (``expansion=4, cardinality=1, base_width=64``) gives ``D = out / 4``, as
+    in ResNet-50; ``resnext`` presets ``cardinality=32, base_width=4`` (ResNeXt 32x4d, ``D = 128`` for
     ``out = 256``), the paper's form (c): one grouped conv equal to 32 summed paths.
 
     ``attention`` names an attention-kind block (``"se"``, ``"gc"``, ``"coord_att"``, ...)
@@ -343,7 +342,7 @@ class BasicResidual(ResidualBlock):
 
     ``out = relu(attention(F(x)) + shortcut(x))`` with ``F = 3x3 conv (in -> out, stride) + BN
     + ReLU -> 3x3 conv (out -> out) + BN`` (expansion 1) and the shortcut, attention and
-    ``zero_init_last`` options of :class:`ResidualBottleneck`. 64 -> 64 has 73,984 parameters.
+    ``zero_init_last`` options of :class:`ResidualBottleneck`.
 
     Shapes: ``(N, in, H, W) -> (N, out, ceil(H / stride), ceil(W / stride))``, stride 1 or 2.
     """
