@@ -256,9 +256,11 @@ def test_simam_matches_the_minimal_energy_in_float64() -> None:
     simam = bz.SimAM(16)
     x = torch.randn(2, 16, 6, 7, dtype=torch.float64) * 3 + 1
     torch.testing.assert_close(simam(x), simam_reference(x), rtol=1e-12, atol=1e-12)
-    weights = simam.explain(x)["position_weights"]
+    weights = simam.position_weights(x)
     assert weights.shape == x.shape
     torch.testing.assert_close(simam(x), x * weights)
+    explained = simam.explain(x)[bz.ExplainKey.POSITION_WEIGHTS]  # averaged over channels
+    torch.testing.assert_close(explained, weights.mean(dim=1))
     other = bz.SimAM(16, e_lambda=0.1)
     torch.testing.assert_close(other(x), simam_reference(x, 0.1), rtol=1e-12, atol=1e-12)
     assert not torch.allclose(other(x), simam(x))

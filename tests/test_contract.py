@@ -19,10 +19,11 @@ import blockzoo as bz
 
 from .contract import (
     BF16_RELATIVE_TOLERANCE,
-    PARAMETER_FREE,
+    EXAMPLES,
     Config,
     all_configs,
     configs,
+    example,
     main_config,
 )
 
@@ -38,8 +39,15 @@ def _run(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def test_every_kind_has_blocks_and_every_block_has_configs() -> None:
     assert NAMES, "no block registered"
+    for kind in bz.KINDS:
+        assert bz.list_blocks(kind), f"no block of kind {kind!r} is registered"
     for name in NAMES:
         assert configs(name), name
+
+
+def test_contract_examples_name_registered_blocks() -> None:
+    unknown = set(EXAMPLES) - set(NAMES)
+    assert not unknown, f"tests/contract.py EXAMPLES names unregistered blocks: {unknown}"
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=str)
@@ -125,7 +133,7 @@ def test_device_and_dtype_arguments(name: str) -> None:
     cfg = main_config(name)
     block = cfg.build(device="cpu", dtype=torch.float64)
     tensors = list(block.parameters()) + [b for b in block.buffers() if b.is_floating_point()]
-    assert bool(tensors) != (name in PARAMETER_FREE), "declare parameter-free blocks in contract.py"
+    assert bool(tensors) != example(name).parameter_free, "declare parameter-free blocks"
     assert all(t.dtype == torch.float64 for t in tensors)
     y = _run(block.eval(), cfg.input(1, 6, 5, dtype=torch.float64))
     assert y.dtype == torch.float64
@@ -251,9 +259,8 @@ def test_torch_compile_fullgraph_matches_eager(name: str) -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_onnx_export_dynamic_batch_and_size(name: str, tmp_path) -> None:
     ort = pytest.importorskip("onnxruntime")
-    info = bz.block_info(name)
     cfg = main_config(name)
-    block = cfg.build(**info.export_kwargs).eval()
+    block = cfg.build(**example(name).export_kwargs).eval()
     path = tmp_path / f"{name}.onnx"
     dims = {0: Dim("batch", min=1), 2: Dim("height", min=1), 3: Dim("width", min=1)}
     torch.onnx.export(

@@ -10,7 +10,7 @@ from .attention import (
     SqueezeExcite,
     eca_kernel_size,
 )
-from .base import Block, ShapePreservingBlock, check_input
+from .base import Block, ExplainKey, ShapePreservingBlock, check_input
 from .cells import AmoebaNetNormalCell, NASNetNormalCell, relu_sepconv_bn
 from .deform import DeformConv2d, ModulatedDeformConv2d, deform_conv2d_torch
 from .dense import DenseBlock, DenseLayer
@@ -44,6 +44,7 @@ __all__ = [
     "DynamicConv2d",
     "DynamicConvBnAct",
     "EfficientChannelAttention",
+    "ExplainKey",
     "GlobalContext",
     "Inception",
     "InvertedResidual",

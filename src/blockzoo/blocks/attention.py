@@ -25,9 +25,9 @@ from torch import nn
 
 from ..layers import ConvNormAct, LayerSpec, create_act, create_norm, make_divisible
 from ..registry import register_block
-from .base import ShapePreservingBlock
+from .base import ExplainKey, ShapePreservingBlock
 
-_ATTENTION = dict(kind="attention", width="same", example_out=None)
+_ATTENTION = dict(kind="attention")
 
 
 @register_block(
@@ -83,7 +83,7 @@ class SqueezeExcite(ShapePreservingBlock):
         """The channel gate ``s`` of shape ``(N, C)``."""
         self.check_input(x)
         s = x.mean(dim=(2, 3), keepdim=True)
-        return {"channel_gate": self.gate(self.fc2(self.act(self.fc1(s)))).flatten(1)}
+        return {ExplainKey.CHANNEL_GATE: self.gate(self.fc2(self.act(self.fc1(s)))).flatten(1)}
 
 
 @register_block(
@@ -177,7 +177,7 @@ class GlobalContext(ShapePreservingBlock):
     def explain(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The context mask over positions, ``(N, H, W)``."""
         self.check_input(x)
-        return {"context_mask": self.attention_mask(x)[:, 0]}
+        return {ExplainKey.CONTEXT_MASK: self.attention_mask(x)[:, 0]}
 
 
 @register_block(
@@ -244,7 +244,7 @@ class CoordinateAttention(ShapePreservingBlock):
         """The spatial map ``a_h x a_w`` averaged over channels, ``(N, H, W)``."""
         self.check_input(x)
         a_h, a_w = self.gates(x)
-        return {"attention_map": (a_h * a_w).mean(dim=1)}
+        return {ExplainKey.ATTENTION_MAP: (a_h * a_w).mean(dim=1)}
 
 
 def _elementwise_flops(x: torch.Tensor, ops_per_value: int) -> int:
@@ -347,8 +347,8 @@ class CBAM(ShapePreservingBlock):
         self.check_input(x)
         gate = self.channel_gate(x)
         return {
-            "channel_gate": gate,
-            "spatial_map": self.spatial_gate(x * gate[:, :, None, None])[:, 0],
+            ExplainKey.CHANNEL_GATE: gate,
+            ExplainKey.SPATIAL_MAP: self.spatial_gate(x * gate[:, :, None, None])[:, 0],
         }
 
     def extra_flops(self, x: torch.Tensor) -> int:
@@ -431,7 +431,7 @@ class EfficientChannelAttention(ShapePreservingBlock):
     def explain(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The channel gate ``s`` of shape ``(N, C)``."""
         self.check_input(x)
-        return {"channel_gate": self.channel_gate(x)}
+        return {ExplainKey.CHANNEL_GATE: self.channel_gate(x)}
 
     def extra_flops(self, x: torch.Tensor) -> int:
         """Elementwise FLOPs (see :func:`_elementwise_flops`): the average pool and the gating,
@@ -503,9 +503,10 @@ class SimAM(ShapePreservingBlock):
         return x * self.position_weights(x)
 
     def explain(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The per-position weights ``sigmoid(1/e*)`` of shape ``(N, C, H, W)``."""
+        """The per-position weights ``sigmoid(1/e*)`` averaged over channels, ``(N, H, W)``
+        (:meth:`position_weights` gives them all)."""
         self.check_input(x)
-        return {"position_weights": self.position_weights(x)}
+        return {ExplainKey.POSITION_WEIGHTS: self.position_weights(x).mean(dim=1)}
 
     def extra_flops(self, x: torch.Tensor) -> int:
         """Elementwise FLOPs (see :func:`_elementwise_flops`) per value: the mean's sum (1),

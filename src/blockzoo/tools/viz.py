@@ -5,11 +5,11 @@ stage, random weights with seed 0: no pretrained weights are downloaded), then t
 whose ``explain(x)`` hook returns a dict of tensors. The visualiser draws the entries it knows by
 name, so it never reaches into a block's private attributes:
 
-- ``context_mask``, ``attention_map``, ``spatial_map`` ``(N, H, W)``: a heatmap over the image
-  (GC's softmax context mask, coordinate attention's ``a_h x a_w``, CBAM's spatial gate);
-- ``position_weights`` ``(N, C, H, W)``: a heatmap of the channel mean (SimAM's 3-D weights);
-- ``channel_gate`` ``(N, C)``, ``routing_weights`` ``(N, K)``: bar charts (SE's, CBAM's and
-  ECA's gates, dynamic/cond conv expert weights);
+- ``context_mask``, ``attention_map``, ``spatial_map``, ``position_weights`` ``(N, H, W)``: a
+  heatmap over the image (GC's softmax context mask, coordinate attention's ``a_h x a_w``,
+  CBAM's spatial gate, SimAM's weights averaged over channels);
+- ``channel_gate`` ``(N, C)``, ``routing_weights`` ``(N, K)``: bar charts (SE's, ECA's and CBAM's
+  gates, dynamic/cond conv expert weights);
 - ``branch_weights`` ``(N, M, C)``: per-branch bars over the first channels (SK: small vs large
   kernel);
 - ``kernels`` ``(N, G, K, K, H, W)`` and ``attention`` ``(N, heads, K * K, H, W)``: the
@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..blocks.base import Block, ExplainKey
 from ..registry import block_info, create_block
 
 FEATURE_CHANNELS = 64
@@ -85,53 +86,45 @@ def _positions(h: int, w: int) -> list[tuple[int, int]]:
 
 def _local_windows(key: str, value: np.ndarray) -> np.ndarray | None:
     """``(G, K, K, H, W)`` local kernels/windows from an ``explain`` entry, else None."""
-    if key == "kernels" and value.ndim == 5:
+    if key == ExplainKey.KERNELS and value.ndim == 5:
         return value
-    if key == "attention" and value.ndim == 4:
+    if key == ExplainKey.ATTENTION and value.ndim == 4:
         k = int(round(value.shape[1] ** 0.5))
         return value.reshape(value.shape[0], k, k, *value.shape[2:])
     return None
 
 
-def _heatmap(key: str, value: np.ndarray) -> np.ndarray | None:
-    """``(H, W)`` map from an ``explain`` entry drawn as a heatmap, else None."""
-    if key in _HEATMAPS and value.ndim == 2:
-        return value
-    if key == "position_weights" and value.ndim == 3:
-        return value.mean(axis=0)
-    return None
-
-
 def _drawable(key: str, value: np.ndarray) -> bool:
     return (
-        _heatmap(key, value) is not None
+        (key in _HEATMAPS and value.ndim == 2)
         or (key in _BARS and value.ndim == 1)
-        or (key == "branch_weights" and value.ndim == 2)
-        or (key == "sampling_points" and value.ndim == 4)
+        or (key == ExplainKey.BRANCH_WEIGHTS and value.ndim == 2)
+        or (key == ExplainKey.SAMPLING_POINTS and value.ndim == 4)
         or _local_windows(key, value) is not None
     )
 
 
-_HEATMAPS = ("context_mask", "attention_map", "spatial_map")
-_BARS = {"channel_gate": "channel", "routing_weights": "expert"}
+_HEATMAPS = (
+    ExplainKey.CONTEXT_MASK, ExplainKey.ATTENTION_MAP, ExplainKey.SPATIAL_MAP,
+    ExplainKey.POSITION_WEIGHTS,
+)
+_BARS = {ExplainKey.CHANNEL_GATE: "channel", ExplainKey.ROUTING_WEIGHTS: "expert"}
 
 
 def _draw(ax, fig, key: str, value: np.ndarray, image: np.ndarray, feature_hw: tuple) -> None:
     size = image.shape[0]
     windows = _local_windows(key, value)
-    heatmap = _heatmap(key, value)
-    if heatmap is not None:
-        heat = F.interpolate(torch.from_numpy(heatmap)[None, None].float(), size=(size, size),
+    if key in _HEATMAPS:
+        heat = F.interpolate(torch.from_numpy(value)[None, None].float(), size=(size, size),
                              mode="bilinear", align_corners=False)[0, 0].numpy()
         ax.imshow(image)
         im = ax.imshow(heat, cmap="jet", alpha=0.5)
-        label = f"{key} (mean over channels)" if heatmap is not value else key
-        fig.colorbar(im, ax=ax, fraction=0.046, label=label)
+        fig.colorbar(im, ax=ax, fraction=0.046, label=key)
     elif key in _BARS:
         ax.bar(np.arange(len(value)), value, color="tab:blue", label=key)
         ax.set_xlabel(_BARS[key])
         ax.legend(loc="upper right")
-    elif key == "branch_weights":
+    elif key == ExplainKey.BRANCH_WEIGHTS:
         shown = value[:, :32]
         width = 0.8 / len(shown)
         for m, row in enumerate(shown):
@@ -172,7 +165,7 @@ def visualize(
 
     info = block_info(name)
     block = create_block(name, FEATURE_CHANNELS).eval()
-    if not callable(getattr(block, "explain", None)):
+    if type(block).explain is Block.explain:
         raise ValueError(f"block {name!r} has no explain() hook to draw; blocks with one: "
                          f"{', '.join(_drawable_names())}")
     picture = load_image(image, size)
@@ -188,7 +181,7 @@ def visualize(
     panels = len(explained)
     fig, axes = plt.subplots(1, panels + 1, figsize=(5 * (panels + 1), 5), dpi=100)
     axes[0].imshow(picture)
-    if any(k == "sampling_points" or _local_windows(k, v) is not None
+    if any(k == ExplainKey.SAMPLING_POINTS or _local_windows(k, v) is not None
            for k, v in explained.items()):
         scale = size / out_hw[-1]
         for i, (y, x) in enumerate(_positions(*out_hw)):
@@ -211,4 +204,4 @@ def visualize(
 def _drawable_names() -> list[str]:
     from ..registry import list_blocks
 
-    return [n for n in list_blocks() if callable(getattr(block_info(n).cls, "explain", None))]
+    return [n for n in list_blocks() if block_info(n).cls.explain is not Block.explain]
