@@ -299,15 +299,18 @@ def test_new_attention_blocks_declare_their_elementwise_flops() -> None:
     x = torch.randn(n, c, h, w)
     values = x.numel()
     cbam, eca, simam = bz.CBAM(c), bz.EfficientChannelAttention(c), bz.SimAM(c)
-    assert cbam.extra_flops(x) == 6 * values
-    assert eca.extra_flops(x) == 2 * values
-    assert simam.extra_flops(x) == 7 * values
+    # 2 FLOPs per multiply-add on the feature map (docs/profiling.md): CBAM's average pool,
+    # channel gating, channel mean and spatial gating (max pools are compares, not counted);
+    # ECA's pool and gating; SimAM's mean, (x - mu)^2, sum of d, d * a + 0.5 and gating.
+    assert cbam.extra_flops(x) == 2 * 4 * values
+    assert eca.extra_flops(x) == 2 * 2 * values
+    assert simam.extra_flops(x) == 2 * 5 * values
     rd, k = cbam.rd_channels, eca.kernel_size
     mlp = 2 * (2 * n) * (c * rd + rd * c)  # both descriptors through the shared MLP
     spatial = 2 * n * h * w * 2 * 49  # 7x7 conv, 2 -> 1 channels
-    assert count_flops(cbam, x) == mlp + spatial + 6 * values
-    assert count_flops(eca, x) == 2 * n * c * k + 2 * values
-    assert count_flops(simam, x) == 7 * values  # nothing FlopCounterMode sees
+    assert count_flops(cbam, x) == mlp + spatial + 2 * 4 * values
+    assert count_flops(eca, x) == 2 * n * c * k + 2 * 2 * values
+    assert count_flops(simam, x) == 2 * 5 * values  # nothing FlopCounterMode sees
 
 
 # ------------------------------------------------------------------ where attention plugs in

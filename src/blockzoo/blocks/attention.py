@@ -247,14 +247,15 @@ class CoordinateAttention(ShapePreservingBlock):
         return {ExplainKey.ATTENTION_MAP: (a_h * a_w).mean(dim=1)}
 
 
-def _elementwise_flops(x: torch.Tensor, ops_per_value: int) -> int:
-    """``ops_per_value`` FLOPs for every value of ``x`` (``N * C * H * W``).
+def _feature_map_flops(x: torch.Tensor, multiply_adds_per_value: int) -> int:
+    """FLOPs of ``multiply_adds_per_value`` multiply-adds for every value of ``x`` (2 each).
 
-    The unit of ``extra_flops``: a multiply or an add (or a comparison in a max reduction) that
-    FlopCounterMode does not see counts 1, a multiply-add 2; activations are not counted, as
-    for every other block.
+    blockzoo's rule (docs/profiling.md): a product of the feature map by computed weights and
+    each term of a sum over feature-map values (pooling included) is one multiply-add; max
+    pooling, activations, normalisation and tensors without the full ``H x W x C`` extent are
+    not counted here (the counter sees convs and matmuls).
     """
-    return ops_per_value * x.numel()
+    return 2 * multiply_adds_per_value * x.numel()
 
 
 @register_block(
@@ -352,11 +353,11 @@ class CBAM(ShapePreservingBlock):
         }
 
     def extra_flops(self, x: torch.Tensor) -> int:
-        """Elementwise FLOPs (see :func:`_elementwise_flops`): one per value for each of the
-        average pool, the max pool, the channel gating, the channel max, the channel mean and the
-        spatial gating: ``6 * N * C * H * W``. The MLP and the 7x7 conv are counted by
-        FlopCounterMode."""
-        return _elementwise_flops(x, 6)
+        """Feature-map FLOPs (see :func:`_feature_map_flops`): one multiply-add per value for
+        the average pool, the channel gating, the channel mean and the spatial gating (the two
+        max poolings are compares): ``2 * 4 * N * C * H * W``. FlopCounterMode counts the MLP
+        and the 7x7 conv."""
+        return _feature_map_flops(x, 4)
 
 
 def eca_kernel_size(channels: int, gamma: float = 2, b: float = 1) -> int:
@@ -434,9 +435,10 @@ class EfficientChannelAttention(ShapePreservingBlock):
         return {ExplainKey.CHANNEL_GATE: self.channel_gate(x)}
 
     def extra_flops(self, x: torch.Tensor) -> int:
-        """Elementwise FLOPs (see :func:`_elementwise_flops`): the average pool and the gating,
-        ``2 * N * C * H * W``; FlopCounterMode counts the 1-D conv."""
-        return _elementwise_flops(x, 2)
+        """Feature-map FLOPs (see :func:`_feature_map_flops`): one multiply-add per value for
+        the average pool and for the gating, ``2 * 2 * N * C * H * W``; FlopCounterMode counts
+        the 1-D conv."""
+        return _feature_map_flops(x, 2)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, kernel_size={self.kernel_size}"
@@ -509,10 +511,10 @@ class SimAM(ShapePreservingBlock):
         return {ExplainKey.POSITION_WEIGHTS: self.position_weights(x).mean(dim=1)}
 
     def extra_flops(self, x: torch.Tensor) -> int:
-        """Elementwise FLOPs (see :func:`_elementwise_flops`) per value: the mean's sum (1),
-        the subtraction and square (2), the sum of ``d`` (1), ``d / (4 (sigma^2 + lambda)) +
-        0.5`` as a multiply-add (2) and the gating (1): ``7 * N * C * H * W``."""
-        return _elementwise_flops(x, 7)
+        """Feature-map FLOPs (see :func:`_feature_map_flops`): one multiply-add per value for
+        each of the mean, ``d = (x - mu)^2``, the sum of ``d``, ``d / (4 (sigma^2 + lambda)) +
+        0.5`` and the gating ``x * sigmoid(.)``: ``2 * 5 * N * C * H * W``."""
+        return _feature_map_flops(x, 5)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, e_lambda={self.e_lambda}"
