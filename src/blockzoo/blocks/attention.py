@@ -363,10 +363,10 @@ class CBAM(ShapePreservingBlock):
 def eca_kernel_size(channels: int, gamma: float = 2, b: float = 1) -> int:
     """ECA's adaptive 1-D kernel size ``k = |log2(C) / gamma + b / gamma|_odd``.
 
-    Computed as in the paper's code listing: ``t = int(|(log2(C) + b) / gamma|)``, ``k = t`` if
-    ``t`` is odd, else ``t + 1``: the odd number nearest to ``(log2(C) + b) / gamma``, ties (an
-    even integer) going up. With ``gamma = 2``, ``b = 1``: C = 64 -> 3, 128 -> 5, 256 -> 5,
-    512 -> 5, 1024 -> 5, 2048 -> 7. ``math.log2`` is exact at powers of two.
+    ``|t|_odd`` is the odd number nearest to ``t``, computed in the usual integer form
+    ``k = int(t)`` if that is odd, else ``int(t) + 1``; this breaks the ties (``t`` an even
+    integer, e.g. C = 128) upward. With ``gamma = 2``, ``b = 1``: C = 64 -> 3, 128 -> 5,
+    256 -> 5, 512 -> 5, 1024 -> 5, 2048 -> 7. ``math.log2`` is exact at powers of two.
     """
     t = int(abs((math.log2(channels) + b) / gamma))
     return t if t % 2 else t + 1
