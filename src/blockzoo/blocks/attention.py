@@ -12,8 +12,8 @@
   al., ICML 2021, PMLR 139:11863-11874 (never posted to arXiv; the registry's identifier is the
   PMLR key ``pmlr-v139-yang21o``)
 
-Pooling is written as ``mean``/``sum`` reductions (no adaptive-pool modules), so every block
-exports to ONNX with dynamic spatial size.
+Pooling is written as ``mean``/``sum``/``amax`` reductions (no adaptive-pool modules), so every
+block exports to ONNX with dynamic spatial size.
 """
 
 from __future__ import annotations
@@ -277,7 +277,8 @@ class CBAM(ShapePreservingBlock):
 
     Channel gate: ``M_c = sigmoid(MLP(mean_hw(x)) + MLP(max_hw(x)))`` with one shared ``MLP =
     Linear(C, C/r) -> ReLU -> Linear(C/r, C)`` (``r = reduction = 16``; the reduced width is
-    ``make_divisible(C / r, 1)``, at least ``min_channels = 1``, or ``rd_channels``);
+    ``make_divisible(C / r, 1)``, the authors' ``C // r`` whenever ``r`` divides ``C``, at
+    least ``min_channels = 1``, or ``rd_channels``);
     ``x' = x * M_c``. Spatial gate, applied after: ``M_s = sigmoid(BN(conv7x7([max_c(x');
     mean_c(x')])))``; ``out = x' * M_s``.
 
