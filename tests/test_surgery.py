@@ -28,11 +28,6 @@ PRESERVING_CONVS = ["dynamic_conv", "cond_conv", "deform_conv", "mdeform_conv"]
 NON_PRESERVING_CONVS = ["sk_conv", "involution", "acmix", "separable_conv", "spd_conv"]
 
 
-def _require(name: str) -> None:
-    if name not in bz.list_blocks():
-        pytest.skip(f"block {name!r} is not registered")
-
-
 def _resnet18() -> nn.Module:
     return torchvision.models.resnet18(num_classes=10).eval()
 
@@ -190,11 +185,9 @@ def test_insert_errors() -> None:
 
 
 def test_only_composite_blockzoo_blocks_are_searched() -> None:
-    _require("deform_conv")
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), bz.SqueezeExcite(16))
     assert replace_convs(model, "deform_conv").names == ["0"]  # not the SE's fc1/fc2 1x1 convs
     assert replace_convs(model, "deform_conv").names == []  # nor the new offset predictor
-    _require("bottleneck")
     model = nn.Sequential(bz.create_block("bottleneck", 16, 32)).eval()
     x = torch.randn(1, 16, 7, 5)
     before = model(x)
@@ -211,7 +204,6 @@ def test_only_composite_blockzoo_blocks_are_searched() -> None:
 
 @pytest.mark.parametrize("name", PRESERVING_CONVS)
 def test_replace_convs_preserves_resnet18_then_trains(name: str) -> None:
-    _require(name)
     assert name in preservable_convs()
     model = _resnet18()
     cls = bz.block_info(name).cls
@@ -229,7 +221,6 @@ def test_replace_convs_preserves_resnet18_then_trains(name: str) -> None:
 
 def test_replace_convs_on_a_timm_model_with_insertions() -> None:
     timm = pytest.importorskip("timm")
-    _require("dynamic_conv")
     model = timm.create_model("resnet10t", pretrained=False, num_classes=10).eval()
 
     def edit(m: nn.Module) -> None:
@@ -244,7 +235,6 @@ def test_replace_convs_on_a_timm_model_with_insertions() -> None:
 
 
 def test_dynamic_conv_experts_all_equal_the_conv_and_then_diverge() -> None:
-    _require("dynamic_conv")
     conv = nn.Conv2d(8, 12, 3, padding=1, bias=True)
     model = nn.Sequential(conv)
     replace_convs(model, "dynamic_conv")
@@ -263,7 +253,6 @@ def test_dynamic_conv_experts_all_equal_the_conv_and_then_diverge() -> None:
 
 @pytest.mark.parametrize("experts", [8, 3, 1])
 def test_cond_conv_routing_is_paired_to_sum_to_half_the_experts(experts: int) -> None:
-    _require("cond_conv")
     conv = nn.Conv2d(6, 10, 3, stride=2, padding=1)
     model = nn.Sequential(conv)
     replace_convs(model, "cond_conv", num_experts=experts)
@@ -280,8 +269,6 @@ def test_cond_conv_routing_is_paired_to_sum_to_half_the_experts(experts: int) ->
 
 
 def test_deformable_convs_copy_the_kernel_with_zero_offsets() -> None:
-    _require("deform_conv")
-    _require("mdeform_conv")
     for name, factor in (("deform_conv", 1.0), ("mdeform_conv", 2.0)):
         conv = nn.Conv2d(4, 6, 3, padding=2, dilation=2)
         model = nn.Sequential(conv)
@@ -296,7 +283,6 @@ def test_deformable_convs_copy_the_kernel_with_zero_offsets() -> None:
 
 @pytest.mark.parametrize("name", NON_PRESERVING_CONVS)
 def test_blocks_that_cannot_reproduce_a_conv_refuse_preserve(name: str) -> None:
-    _require(name)
     assert name in NOT_PRESERVABLE and name not in preservable_convs()
     model = nn.Sequential(nn.Conv2d(32, 32, 3, stride=2, padding=1), nn.ReLU())
     with pytest.raises(ValueError, match="preserve=False"):
@@ -308,7 +294,6 @@ def test_blocks_that_cannot_reproduce_a_conv_refuse_preserve(name: str) -> None:
 
 
 def test_replace_convs_skips_convs_whose_output_size_differs() -> None:
-    _require("dynamic_conv")
 
     class StdConv(nn.Conv2d):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -338,7 +323,6 @@ def test_replace_convs_errors_and_verification(monkeypatch: pytest.MonkeyPatch) 
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1))
     with pytest.raises(ValueError, match="insert_after"):
         replace_convs(model, "se")
-    _require("dynamic_conv")
     with pytest.raises(ValueError, match=r"layer1 is a Sequential, not an nn.Conv2d.*'layer1\.'"):
         replace_convs(_resnet18(), "dynamic_conv", where="layer1")
     with pytest.raises(ValueError, match="different kernel_size"):
@@ -348,14 +332,13 @@ def test_replace_convs_errors_and_verification(monkeypatch: pytest.MonkeyPatch) 
     with pytest.raises(ValueError, match="could not be built for any matched conv.*temperature"):
         replace_convs(model, "dynamic_conv", temperature=-1.0)
     # An initialiser that does not reproduce the conv is caught before the model is touched.
-    monkeypatch.setitem(bz.surgery._CONV_INITS, "dynamic_conv", lambda conv, block: None)
+    monkeypatch.setattr(bz.DynamicConv2d, "init_from_conv", lambda block, conv: None)
     with pytest.raises(ValueError, match="does not reproduce"):
         replace_convs(model, "dynamic_conv")
     assert type(model[0]) is nn.Conv2d
 
 
 def test_replace_convs_keeps_dtype_and_reports_skips_from_block_constraints() -> None:
-    _require("dynamic_conv")
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1)).double()
     x = torch.randn(1, 3, 5, 5, dtype=torch.float64)
     before = model(x)
@@ -363,7 +346,6 @@ def test_replace_convs_keeps_dtype_and_reports_skips_from_block_constraints() ->
     assert model[0].weight.dtype == torch.float64
     torch.testing.assert_close(model(x), before, rtol=1e-10, atol=1e-10)
     assert str(report).startswith("replace_convs('dynamic_conv') changed 2 module(s)")
-    _require("involution")
     model = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 32, 3, padding=1),
                           nn.Conv2d(32, 24, 3, padding=1), nn.Conv2d(24, 24, 3, padding=1))
     report = replace_convs(model, "involution", preserve=False)
