@@ -48,7 +48,7 @@ from torch import nn
 from ..core.validation import check_positive_int
 from ..layers import LayerSpec, create_act, create_norm, same_padding
 from ..registry import register_block
-from .base import Block
+from .base import Block, ExplainKey
 
 Strategy = Literal["auto", "aggregate", "mix"]
 STRATEGIES: tuple[str, ...] = ("auto", "aggregate", "mix")
@@ -222,6 +222,19 @@ class ExpertConv2d(Block):
             return self._mix(x, routing)
         return self._aggregate(x, routing)
 
+    def routing(self, x: torch.Tensor) -> torch.Tensor:
+        """Routing weights ``(N, K)`` for input ``x`` (each subclass's own rule)."""
+        raise NotImplementedError
+
+    def explain(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Routing weights ``(N, K)`` and aggregated kernels ``(N, C_out, C_in/g, k, k)``."""
+        self.check_input(x)
+        routing = self.routing(x)
+        return {
+            ExplainKey.ROUTING_WEIGHTS: routing,
+            ExplainKey.KERNELS: self.aggregate_kernels(routing)[0],
+        }
+
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, kernel_size={self.kernel_size}, padding={self.padding}, "
@@ -230,7 +243,7 @@ class ExpertConv2d(Block):
         )
 
 
-_CONV = dict(kind="conv", width="free", example_in=16, example_out=24)
+_CONV = dict(kind="conv")
 
 
 @register_block(
@@ -311,12 +324,6 @@ class DynamicConv2d(ExpertConv2d):
         self.check_input(x)
         return self.mixture_conv(x, self.routing(x))
 
-    def explain(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Routing weights ``(N, K)`` and aggregated kernels ``(N, C_out, C_in/g, k, k)``."""
-        self.check_input(x)
-        routing = self.routing(x)
-        return {"routing_weights": routing, "kernels": self.aggregate_kernels(routing)[0]}
-
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, temperature={self.temperature}"
 
@@ -328,7 +335,6 @@ class DynamicConv2d(ExpertConv2d):
     arxiv="1912.03458",
     year=2020,
     summary="DY-Conv followed by BatchNorm and ReLU, the form the paper always uses.",
-    width="free",
     notes="exports with the 'mix' strategy (ONNX Conv groups cannot follow a dynamic batch).",
 )
 class DynamicConvBnAct(Block):
@@ -483,12 +489,6 @@ class CondConv2d(ExpertConv2d):
                 f"CondConv2d: routing_weights must have shape (N, num_experts) = ({batch}, {e}) "
                 f"or (1, {e}), got {tuple(routing.shape)}"
             )
-
-    def explain(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Routing weights ``(N, E)`` and aggregated kernels ``(N, C_out, C_in/g, k, k)``."""
-        self.check_input(x)
-        routing = self.routing(x)
-        return {"routing_weights": routing, "kernels": self.aggregate_kernels(routing)[0]}
 
 
 def _valid_temperature(t: object) -> bool:

@@ -27,9 +27,6 @@ from .residual import attention_block
     arxiv="1801.04381",
     year=2018,
     summary="1x1 expand -> 3x3 depthwise -> linear 1x1 projection; residual when shapes match.",
-    example_in=16,
-    example_out=32,
-    example_kwargs={"attention": "coord_att"},
 )
 class InvertedResidual(Block):
     """MobileNetV2 inverted residual block (Sandler et al., arXiv 1801.04381, Table 1).

@@ -29,7 +29,7 @@ from .base import Block
 _RESNET_PAPER = dict(
     paper="Deep Residual Learning for Image Recognition", arxiv="1512.03385", year=2016
 )
-_BLOCK = dict(kind="block", example_in=16, example_out=32)
+_BLOCK = dict(kind="block")
 
 
 def _registered(block: Block, option: str, name: str, kind: str) -> None:
@@ -228,7 +228,6 @@ class ResidualBlock(Block):
     "residual",
     **_RESNET_PAPER,
     summary="ResNet bottleneck residual block: 1x1-3x3-1x1 + shortcut, ReLU after the add.",
-    example_kwargs={"attention": "se"},
     **_BLOCK,
 )
 @register_block(
@@ -238,7 +237,6 @@ class ResidualBlock(Block):
     year=2017,
     summary="ResNeXt block: bottleneck whose 3x3 conv has 32 groups of width 4, + shortcut.",
     preset={"cardinality": 32, "base_width": 4},
-    example_kwargs={"cardinality": 4, "base_width": 16},
     notes="the residual block with the preset cardinality=32, base_width=4.",
     **_BLOCK,
 )
