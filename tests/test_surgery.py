@@ -12,6 +12,9 @@ import torchvision
 from torch import nn
 
 import blockzoo as bz
+from blockzoo.blocks.base import Block, named_open_modules
+from blockzoo.layers import ConvNormAct
+from blockzoo.models.base import init_conv_norm_act
 from blockzoo.surgery import (
     NOT_PRESERVABLE,
     GatedResidual,
@@ -352,6 +355,187 @@ def test_replace_convs_keeps_dtype_and_reports_skips_from_block_constraints() ->
     assert report.names == ["0"]
     assert dict(report.skipped)["1"] == "involution keeps the channel count, the conv maps 16 to 32"
     assert "Involution" in dict(report.skipped)["3"]  # 24 channels: not groups of 16
+
+
+# --------------------------------------------------------------------------- block rules
+
+
+def test_conv_takeover_rules_live_on_the_block_classes() -> None:
+    for name in bz.list_blocks("conv") + bz.list_blocks("downsample"):
+        cls = bz.block_info(name).cls
+        implements = cls.init_from_conv is not Block.init_from_conv
+        assert (cls.conv_preservation is None) == implements, name
+        assert (name in preservable_convs()) == implements, name
+        assert NOT_PRESERVABLE.get(name) == cls.conv_preservation, name
+    assert preservable_convs() == sorted(PRESERVING_CONVS)
+    assert sorted(NOT_PRESERVABLE) == sorted(NON_PRESERVING_CONVS)
+    with pytest.raises(ValueError, match="SKConv: cannot take over a convolution's weights: its "
+                       "branches end in BatchNorm"):
+        bz.create_block("sk_conv", 16).init_from_conv(nn.Conv2d(16, 16, 3, padding=1))
+
+
+def test_one_sealed_subtree_walk_for_surgery_and_model_init() -> None:
+    conv = nn.Conv2d(16, 16, 3, padding=1)
+    model = nn.Sequential(
+        conv, bz.SqueezeExcite(16), bz.create_block("bottleneck", 16, 32),
+        GatedResidual(bz.CoordinateAttention(32)), ConvNormAct(32, 32, 3),
+        bz.create_block("spd_conv", 32, 32), conv,
+    )
+    names = [name for name, _ in named_open_modules(model)]
+    assert names[0] == "0" and names[-1] == "6"  # a shared module is listed at every path
+    assert "1" in names and not any(n.startswith("1.") for n in names)  # attention: sealed
+    assert "2.body.conv2.conv" in names  # composite: opened
+    assert "3" in names and not any(n.startswith("3.") for n in names)  # surgery's wrapper
+    assert "4.conv" in names
+    assert "5" in names and not any(n.startswith("5.") for n in names)  # downsample: sealed
+    inner = model[5].conv.conv.weight.detach().clone()
+    outer = model[4].conv.weight.detach().clone()
+    init_conv_norm_act(model)  # the model initialiser walks the same modules
+    assert torch.equal(model[5].conv.conv.weight, inner)
+    assert not torch.equal(model[4].conv.weight, outer)
+
+
+# --------------------------------------------------------------------------- odd models
+
+
+def test_a_shared_conv_is_replaced_once_at_every_path() -> None:
+    for where in (None, "2", ["0"], lambda name, conv: name == "2"):
+        conv = nn.Conv2d(8, 8, 3, padding=1)
+        model = nn.Sequential(conv, nn.ReLU(), conv).eval()
+        x = torch.randn(2, 8, 6, 5)
+        before = model(x)
+        dry = replace_convs(model, "dynamic_conv", where, dry_run=True)
+        report = replace_convs(model, "dynamic_conv", where)
+        assert isinstance(model[0], bz.DynamicConv2d) and model[2] is model[0]  # still tied
+        assert report.names == ["0", "2"] and len(report.changes) == 1
+        assert report.changes[0].also_at == ("2",) and "0 = 2" in str(report)
+        total = sum(p.numel() for p in model.parameters())
+        assert report.params_before == 584 and report.params_after == total == 2392
+        assert dry.params_after == total and dry.rows() == report.rows()
+        torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
+
+
+def test_a_shared_module_gets_one_insertion_at_every_path() -> None:
+    for operation in (insert_after, insert_before):
+        conv = nn.Conv2d(8, 8, 3, padding=1)
+        model = nn.Sequential(conv, nn.ReLU(), conv).eval()
+        x = torch.randn(1, 8, 7, 7)
+        before = model(x)
+        report = operation(model, "se", where="2")
+        assert isinstance(model[0], nn.Sequential) and model[2] is model[0]
+        assert report.names == ["0", "2"]
+        assert report.params_after == sum(p.numel() for p in model.parameters())
+        torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+
+
+def test_a_module_shared_with_a_blocks_insides_is_refused_naming_its_paths() -> None:
+    se = bz.SqueezeExcite(16)
+    model = nn.Sequential(se.fc1, se)
+    with pytest.raises(ValueError, match=r"0 is also used as 1\.fc1.*untie"):
+        replace_convs(model, "dynamic_conv", where="0")
+    assert model[0] is se.fc1
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
+def test_scripted_and_traced_models_are_refused() -> None:
+    eager = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()).eval()
+    scripted = torch.jit.script(eager)
+    traced = torch.jit.trace(eager, torch.randn(1, 3, 8, 8))
+    for model in (scripted, traced, nn.Sequential(traced)):
+        with pytest.raises(ValueError, match="TorchScript module.*edit the eager nn.Module"):
+            replace_convs(model, "dynamic_conv")
+        with pytest.raises(ValueError, match="TorchScript module"):
+            insert_after(model, "se", where=lambda name, module: True)
+
+
+def test_inserting_after_a_conv1d_or_conv3d_is_refused() -> None:
+    class Mixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1d = nn.Conv1d(8, 8, 3)
+            self.conv3d = nn.Conv3d(8, 8, 3)
+            self.bn1d = nn.BatchNorm1d(8)
+
+    model = Mixed()
+    with pytest.raises(ValueError, match=r"conv1d is a Conv1d: its output is 3-D.*\(N, C, H, W\)"):
+        insert_after(model, "se", "conv1d")
+    with pytest.raises(ValueError, match="conv3d is a Conv3d: its input is 5-D"):
+        insert_before(model, "se", "conv3d")
+    with pytest.raises(ValueError, match="bn1d is a BatchNorm1d"):
+        insert_after(model, "se", "bn1d")
+    assert isinstance(model.conv1d, nn.Conv1d)
+
+
+def test_a_frozen_conv_gives_a_frozen_block() -> None:
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1),
+                          nn.Conv2d(8, 8, 3, stride=2, padding=1))
+    model[0].requires_grad_(False)
+    model[1].weight.requires_grad_(False)  # BitFit: only the bias trains
+    model[2].requires_grad_(False)
+    replace_convs(model, "deform_conv", where=["0", "1"])
+    replace_convs(model, "spd_conv", where="2", preserve=False)
+    assert not any(p.requires_grad for p in model[0].parameters())
+    assert not any(p.requires_grad for p in model[2].parameters())
+    assert model[1].bias.requires_grad
+    assert not model[1].weight.requires_grad and not model[1].offset_conv.weight.requires_grad
+
+
+def test_hooks_move_to_the_replacement_and_do_not_fire_while_probing() -> None:
+    model = _resnet18()
+    calls: list[str] = []
+    conv = model.layer2[0].conv1
+    handle = conv.register_forward_hook(lambda m, args, out: calls.append(type(m).__name__))
+    conv.register_full_backward_hook(lambda m, grad_in, grad_out: calls.append("backward"))
+    model.layer1.register_forward_pre_hook(lambda m, args: calls.append("layer1"))
+    everywhere = nn.modules.module.register_module_forward_hook(
+        lambda m, args, out: calls.append("global"))
+    try:
+        insert_before(model, "coord_att", where="layer2.1")  # a probe pass
+        report = replace_convs(model, "dynamic_conv", where="layer2.0.conv1")  # a check pass
+    finally:
+        everywhere.remove()
+    assert calls == []
+    assert "layer2.0.conv1: its 1 forward hook(s), 1 full backward hook(s) now run on the " \
+        "block" in str(report)
+    model(torch.randn(1, 3, 32, 32)).sum().backward()
+    assert calls == ["layer1", "DynamicConv2d", "backward"]
+    handle.remove()  # the user's handle still reaches the hook
+    calls.clear()
+    model(torch.randn(1, 3, 32, 32))
+    assert calls == ["layer1"]
+
+
+def test_spd_conv_before_a_norm_layer_is_built_without_its_own_norm_and_act() -> None:
+    model = _resnet18()
+    report = replace_convs(model, "spd_conv", preserve=False,
+                           where=lambda name, conv: conv.stride == (2, 2))
+    assert len(report.changes) == 7 and len(report.notes) == 7
+    shortcut = model.layer2[0].downsample
+    assert isinstance(shortcut[0], bz.SPDConv) and isinstance(shortcut[1], nn.BatchNorm2d)
+    assert isinstance(shortcut[0].conv.bn, nn.Identity)
+    assert isinstance(shortcut[0].conv.act, nn.Identity)
+    assert "layer2.0.downsample.0: layer2.0.downsample.1 (BatchNorm2d) follows it, so spd_conv " \
+        "is built without its own norm and activation" in str(report)
+    assert "spd_conv(64, 128, stride=2) without norm/act" in str(report)
+    # Asked for explicitly, or with no norm after the conv, the block keeps them.
+    model = _resnet18()
+    replace_convs(model, "spd_conv", "layer2.0.conv1", preserve=False, act_layer="relu")
+    assert isinstance(model.layer2[0].conv1.conv.bn, nn.BatchNorm2d)
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU())
+    report = replace_convs(model, "spd_conv", preserve=False)
+    assert isinstance(model[0].conv.bn, nn.BatchNorm2d) and report.notes == []
+
+
+def test_temperature_schedule_is_public_for_fine_tuning_after_surgery() -> None:
+    model = _resnet18()
+    replace_convs(model, "dynamic_conv", where="layer4.1.conv2")
+    assert model.layer4[1].conv2.temperature == 30.0  # near-uniform routing until annealed
+    schedule = bz.TemperatureSchedule(model, epochs=10)
+    for _ in range(10):
+        schedule.step()
+    assert model.layer4[1].conv2.temperature == 1.0
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "howto_integrations.md").read_text()
+    assert "bz.TemperatureSchedule(model, epochs=" in guide
 
 
 # --------------------------------------------------------------------------- examples

@@ -268,7 +268,8 @@ def replace_convs(
         report.changes.append(Change(
             target.name,
             f"Conv2d({conv.in_channels}, {conv.out_channels}, k={k}, stride={s}, groups={g})",
-            f"{with_}({block.in_channels}, {block.out_channels}, stride={block.stride})",
+            f"{with_}({block.in_channels}, {block.out_channels}, stride={block.stride})"
+            + (" without norm/act" if note is not None else ""),
             parameter_count(conv), parameter_count(block), "exact" if preserve else "none",
             tuple(target.paths[1:]),
         ))
