@@ -547,3 +547,5 @@ def test_examples_run(script: str, capsys: pytest.CaptureFixture) -> None:
     main(["--size", "64"])
     out = capsys.readouterr().out
     assert "largest output change" in out
+    if script == "torchvision_resnet.py":
+        assert "epoch 1: loss" in out and "DY-Conv temperature 27.1 -> 24.2" in out
