@@ -495,7 +495,7 @@ def test_hooks_move_to_the_replacement_and_do_not_fire_while_probing() -> None:
     finally:
         everywhere.remove()
     assert calls == []
-    assert "layer2.0.conv1: its 1 forward hook(s), 1 full backward hook(s) now run on the " \
+    assert "layer2.0.conv1: its 1 forward hook(s), 1 full backward hook(s) move to the " \
         "block" in str(report)
     model(torch.randn(1, 3, 32, 32)).sum().backward()
     assert calls == ["layer1", "DynamicConv2d", "backward"]
@@ -503,6 +503,11 @@ def test_hooks_move_to_the_replacement_and_do_not_fire_while_probing() -> None:
     calls.clear()
     model(torch.randn(1, 3, 32, 32))
     assert calls == ["layer1"]
+    legacy = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1))
+    legacy[0].register_backward_hook(lambda m, grad_in, grad_out: None)
+    legacy[0].register_state_dict_post_hook(lambda m, state, prefix, local: None)
+    report = replace_convs(legacy, "dynamic_conv")
+    assert report.notes == ["0: its 1 state-dict hook(s), 1 non-full backward hook(s) are dropped"]
 
 
 def test_spd_conv_before_a_norm_layer_is_built_without_its_own_norm_and_act() -> None:

@@ -122,16 +122,15 @@ def _carry_requires_grad(conv: nn.Conv2d, block: nn.Module) -> None:
         bias.requires_grad_(conv.bias.requires_grad)
 
 
-#: Hook tables that move to the replacing block, and those that are dropped (reported).
-_MOVED_HOOKS = {
-    "_forward_pre_hooks": "forward pre-hook",
-    "_forward_hooks": "forward hook",
-}
+#: Hook tables that move from a replaced conv to its block (with their ``*_with_kwargs`` and
+#: ``always_called`` companions), and those that are dropped.
+_FORWARD_HOOKS = {"_forward_pre_hooks": "forward pre-hook", "_forward_hooks": "forward hook"}
+_FORWARD_COMPANIONS = ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs",
+                       "_forward_hooks_always_called")
 _FULL_BACKWARD_HOOKS = {
-    "_backward_pre_hooks": "full backward pre-hook",
-    "_backward_hooks": "full backward hook",
+    "_backward_pre_hooks": "full backward pre-hook", "_backward_hooks": "full backward hook",
 }
-_DROPPED_HOOKS = {
+_STATE_DICT_HOOKS = {
     "_state_dict_hooks": "state-dict hook",
     "_state_dict_pre_hooks": "state-dict pre-hook",
     "_load_state_dict_pre_hooks": "load-state-dict pre-hook",
@@ -139,32 +138,35 @@ _DROPPED_HOOKS = {
 }
 
 
-def _hooks(conv: nn.Module) -> tuple[list[str], list[str]]:
-    """What :func:`_move_hooks` moves and what it cannot, as ``"<n> <kind>(s)"`` lists."""
-    moved = dict(_MOVED_HOOKS)
-    dropped = dict(_DROPPED_HOOKS)
-    (moved if conv._is_full_backward_hook is not False else dropped).update(_FULL_BACKWARD_HOOKS)
-    if conv._is_full_backward_hook is False:
-        dropped["_backward_hooks"] = "non-full backward hook"
+def _hook_tables(conv: nn.Module) -> tuple[dict[str, str], dict[str, str]]:
+    """``(moved, dropped)``: the conv's hook tables that move to the block and those that do not
+    (a legacy, non-full backward hook sees the conv's internals, so it is dropped)."""
+    full = conv._is_full_backward_hook is not False
+    moved = {**_FORWARD_HOOKS, **(_FULL_BACKWARD_HOOKS if full else {})}
+    legacy = {} if full else {"_backward_hooks": "non-full backward hook"}
+    return moved, {**_STATE_DICT_HOOKS, **legacy}
 
-    def listed(tables: dict[str, str]) -> list[str]:
-        return [f"{len(getattr(conv, t))} {kind}(s)" for t, kind in tables.items()
-                if getattr(conv, t)]
 
-    return listed(moved), listed(dropped)
+def _hook_notes(name: str, conv: nn.Module) -> list[str]:
+    """Report notes on the conv's hooks: which move to the block, which are dropped."""
+    notes = []
+    for tables, verb in zip(_hook_tables(conv), ("move to the block", "are dropped"), strict=True):
+        found = [f"{len(getattr(conv, t))} {kind}(s)" for t, kind in tables.items()
+                 if getattr(conv, t)]
+        if found:
+            notes.append(f"{name}: its {', '.join(found)} {verb}")
+    return notes
 
 
 def _move_hooks(conv: nn.Module, block: nn.Module) -> None:
     """Give ``block`` the conv's forward and full backward hooks; the handles keep working."""
-    tables = [*_MOVED_HOOKS, "_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs",
-              "_forward_hooks_always_called"]
+    moved, _ = _hook_tables(conv)
     if conv._is_full_backward_hook:
-        tables += list(_FULL_BACKWARD_HOOKS)
         block._is_full_backward_hook = True
-    for table in tables:
-        mine = getattr(conv, table)
-        mine.update(getattr(block, table))
-        setattr(block, table, mine)  # the same dict: a handle's remove() reaches the block
+    for table in (*moved, *_FORWARD_COMPANIONS):
+        tables = getattr(conv, table)
+        tables.update(getattr(block, table))
+        setattr(block, table, tables)  # the same dict: a handle's remove() reaches the block
 
 
 def _build(
@@ -273,11 +275,7 @@ def replace_convs(
             parameter_count(conv), parameter_count(block), "exact" if preserve else "none",
             tuple(target.paths[1:]),
         ))
-        moved, dropped = _hooks(conv)
-        if moved:
-            report.notes.append(f"{target.name}: its {', '.join(moved)} now run on the block")
-        if dropped:
-            report.notes.append(f"{target.name}: its {', '.join(dropped)} are dropped")
+        report.notes += _hook_notes(target.name, conv)
         edits.append((target, block))
     if refused and not edits:  # every build failed: most likely a bad option, not the convs
         raise ValueError(f"{with_} could not be built for any matched conv: {refused[0]}")
