@@ -173,12 +173,10 @@ def _insert(
             0, parameter_count(new), kind, tuple(target.paths[1:]),
         ))
         edits.append((target, wrapped))
-    report.params_after = parameter_count(
-        model, {path: wrapped for target, wrapped in edits for path in target.paths}
-    )
-    if not dry_run:
-        for target, wrapped in edits:
-            put(model, target.paths, wrapped)
+    undo = put(model, [(target.paths, wrapped) for target, wrapped in edits])
+    report.params_after = parameter_count(model)
+    if dry_run:
+        undo()
     return report
 
 

@@ -97,11 +97,24 @@ def find_targets(
     return targets
 
 
-def put(model: nn.Module, paths: Iterable[str], module: nn.Module) -> None:
-    """Set ``module`` at each of ``paths`` (qualified names) of ``model``."""
-    for path in paths:
-        parent, _, child = path.rpartition(".")
-        setattr(model.get_submodule(parent), child, module)
+def put(model: nn.Module, edits: Iterable[tuple[list[str], nn.Module]]) -> Callable[[], None]:
+    """Set each new module at each of its paths (qualified names) of ``model``, deepest paths
+    first, so that a wrapper of a module wraps it with its own edits done; returns the function
+    that puts the old modules back (a dry run counts the edited model, then undoes it)."""
+    placed = sorted(((path, new) for paths, new in edits for path in paths),
+                    key=lambda item: -item[0].count("."))
+    undo = []
+    for path, new in placed:
+        parent_name, _, key = path.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        undo.append((parent, key, parent._modules[key]))
+        setattr(parent, key, new)
+
+    def restore() -> None:
+        for parent, key, old in reversed(undo):
+            setattr(parent, key, old)
+
+    return restore
 
 
 def placement(module: nn.Module, model: nn.Module) -> dict[str, Any]:

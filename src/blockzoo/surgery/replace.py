@@ -279,11 +279,11 @@ def replace_convs(
         edits.append((target, block))
     if refused and not edits:  # every build failed: most likely a bad option, not the convs
         raise ValueError(f"{with_} could not be built for any matched conv: {refused[0]}")
-    report.params_after = parameter_count(
-        model, {path: block for target, block in edits for path in target.paths}
-    )
-    if not dry_run:
+    undo = put(model, [(target.paths, block) for target, block in edits])
+    report.params_after = parameter_count(model)
+    if dry_run:
+        undo()
+    else:
         for target, block in edits:
             _move_hooks(target.module, block)
-            put(model, target.paths, block)
     return report

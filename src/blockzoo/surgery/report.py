@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,28 +10,9 @@ from torch import nn
 from ..core.formatting import format_rows
 
 
-def parameter_count(model: nn.Module, swaps: Mapping[str, nn.Module] | None = None) -> int:
-    """Parameters of ``model``, each counted once however often it is used, with the module at
-    each path of ``swaps`` replaced by the given one (so a dry run counts the edited model)."""
-    swaps = swaps or {}
-    seen: set[int] = set()
-
-    def add(params: Any) -> int:
-        fresh = [p for p in params if id(p) not in seen]
-        seen.update(id(p) for p in fresh)
-        return sum(p.numel() for p in fresh)
-
-    def visit(module: nn.Module, prefix: str) -> int:
-        total = add(module.parameters(recurse=False))
-        for key, child in module._modules.items():
-            path = prefix + key
-            if path in swaps:
-                total += add(swaps[path].parameters())
-            elif child is not None:
-                total += visit(child, path + ".")
-        return total
-
-    return visit(model, "")
+def parameter_count(module: nn.Module) -> int:
+    """Parameters of ``module``, each counted once however often it is used (tied weights)."""
+    return sum(p.numel() for p in module.parameters())
 
 
 @dataclass(frozen=True)
