@@ -97,7 +97,7 @@ class DenseBlock(Block):
 
     ``out_channels`` is structural: ``in_channels + num_layers * growth_rate``; passing another
     value is a ``ValueError``. Defaults: ``num_layers=6``, ``growth_rate=32``, ``bn_size=4``,
-    DenseNet-121's first block (64 -> 256 channels, 335,040 parameters). The layers are named
+    DenseNet-121's first block (64 -> 256 channels). The layers are named
     ``layers.{i}.{norm1,conv1,norm2,conv2}`` as torchvision's ``denselayer{i+1}``.
     ``memory_efficient=True`` recomputes each layer's bottleneck in backward
     (:class:`DenseLayer`) to save memory, in eager mode and under ``torch.compile``; it only

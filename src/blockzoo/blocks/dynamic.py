@@ -22,14 +22,11 @@ its weight):
   channels, and their outputs are mixed per sample with one batched matmul. It costs ``K`` times
   the convolution's arithmetic and ``K`` times its output memory, but uses the ordinary batched
   convolution kernels.
-- ``"auto"`` (default) picks ``"mix"`` only where it was measured faster on CPU (float32, one
-  thread, forward and forward+backward): batch ``N >= 16``, output map of at most ``8 x 8``
-  positions, ``k > 1``, ``groups == 1`` and ``K <= 4``. There the grouped convolution with
-  ``N`` groups is slow: at ``N=32``, 7x7 maps, 3x3 and 256 channels "mix" took 0.5x the time of
-  "aggregate" (64 channels: 1.04x forward, 0.6x forward+backward). Everywhere else measured
-  (64 and 256 channels, 7x7 to 28x28 maps, batch 8 and 32, 1x1 and 3x3) "mix" took 1.0x to 7.9x
-  the time of "aggregate". The rule lives in :meth:`ExpertConv2d.choose_strategy`;
-  ``benchmarks/bench_dynamic_conv.py --strategies`` re-measures it.
+- ``"auto"`` (default) picks ``"mix"`` only where it measured faster on CPU: batch
+  ``N >= 16``, output map of at most ``8 x 8`` positions, ``k > 1``, ``groups == 1`` and
+  ``K <= 4``, where the grouped convolution with ``N`` groups is slow. The rule lives in
+  :meth:`ExpertConv2d.choose_strategy`; the measurements behind it are in docs/benchmarks.md
+  ("The strategy="auto" rule", re-measured by ``benchmarks/bench_dynamic_conv.py --strategies``).
 
 While exporting (``torch.export``, and so the ONNX exporter) the ``"mix"`` strategy is always
 used: ONNX ``Conv``'s ``group`` attribute is a constant, so a grouped convolution whose group

@@ -20,6 +20,7 @@ from torch import nn
 from ..layers import ConvNormAct, LayerSpec, create_act
 from ..registry import register_block
 from .base import Block, ExplainKey
+from .residual import residual_shortcut
 
 
 def clamp_groups(groups: int, *channels: int) -> int:
@@ -215,12 +216,7 @@ class SKUnit(Block):
             reduction=reduction, min_dim=min_dim, act_layer=act_layer, norm_layer=norm_layer,
         )
         self.conv3 = ConvNormAct(mid, out, 1, norm_layer=norm_layer, act_layer=None)
-        if in_channels == out and stride == 1:
-            self.shortcut = nn.Identity()
-        else:
-            self.shortcut = ConvNormAct(
-                in_channels, out, 1, stride, norm_layer=norm_layer, act_layer=None
-            )
+        self.shortcut = residual_shortcut(self, norm_layer)
         self.act = create_act(act_layer)
         self.place(device, dtype)
 
