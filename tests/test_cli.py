@@ -48,3 +48,36 @@ def test_readme_usage_example_runs() -> None:
     usage = readme.split("## Usage", 1)[1]
     code = usage.split("```python", 1)[1].split("```", 1)[0]
     exec(compile(code, "README.md", "exec"), {})
+
+
+def _closed_early(*args: str) -> subprocess.CompletedProcess:
+    """Run the CLI with a stdout pipe the reader closes before any output (like ``| head``)."""
+    proc = subprocess.Popen([sys.executable, "-m", "blockzoo", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    proc.wait(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, "", err)
+
+
+def test_a_reader_that_stops_early_loses_nothing(tmp_path) -> None:
+    listing = _closed_early("list", "--format", "json")
+    assert listing.returncode == 0, listing.stderr
+    assert "Broken pipe" not in listing.stderr and "Errno 32" not in listing.stderr
+    saved = tmp_path / "se.csv"
+    comp = _closed_early("compare", "se", "--in", "8", "--size", "8", "--batch", "1",
+                         "--budget", "0.1", "--min-rounds", "2", "--save", str(saved))
+    assert comp.returncode == 0, comp.stderr
+    assert "Broken pipe" not in comp.stderr and "Traceback" not in comp.stderr
+    rows = saved.read_text().splitlines()
+    assert rows[0].startswith("block,") and any(r.startswith("se,") for r in rows)
+
+
+def test_head_of_a_pipe_sees_the_table(tmp_path) -> None:
+    saved = tmp_path / "se.csv"
+    cmd = (f"{sys.executable} -m blockzoo compare se --in 8 --size 8 --batch 1 --budget 0.1 "
+           f"--min-rounds 2 --save {saved} | head -3")
+    result = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=300)
+    assert result.stdout.startswith("machine:") and len(result.stdout.splitlines()) == 3
+    assert "Broken pipe" not in result.stderr
+    assert saved.read_text().startswith("block,kind,")
