@@ -106,13 +106,14 @@ def test_baseline_is_the_library_conv_norm_act() -> None:
 
 
 def test_paired_timing_recovers_a_known_ratio() -> None:
-    """Sleeping does not compete for the CPU, so the true ratio is 2 however busy it is."""
-    import time
-
-    timing = paired_timing(lambda: time.sleep(0.01), lambda: time.sleep(0.02), warmup=1,
-                           min_rounds=5, budget_s=10, tolerance=0.10)
+    """Summing twice as many integers costs twice as much CPU time, however busy the machine:
+    with one thread the samples are the thread's CPU time."""
+    with profiling.num_threads(1):
+        assert profiling.timing_clock("cpu") == "thread cpu"
+        timing = paired_timing(lambda: sum(range(20_000)), lambda: sum(range(40_000)),
+                               warmup=1, min_rounds=5, budget_s=20, tolerance=0.10)
     assert timing.stopped == "converged" and timing.rounds >= 5
-    assert timing.ratio == pytest.approx(2.0, rel=0.2)
+    assert timing.ratio == pytest.approx(2.0, rel=0.15)
     low, high = timing.interval
     assert low <= timing.ratio <= high and timing.spread <= 0.10
 
@@ -145,7 +146,7 @@ def test_report_starts_with_the_machine() -> None:
                    threads=1)
     machine = machine_info("cpu", 1)
     assert machine["threads"] == 1 and machine["torch"] == torch.__version__
-    assert machine["cores"] >= 1 and machine["cpu"]
+    assert machine["cores"] >= 1 and machine["cpu"] and machine["clock"] == "thread cpu"
     data = json.loads(report(rows, machine, "json"))
     assert list(data)[0] == "machine" and data["machine"] == machine
     assert {r["block"] for r in data["rows"]} >= {"gc", "baseline: conv3x3+bn+relu"}

@@ -12,6 +12,9 @@ Conventions (the same everywhere in blockzoo; docs/profiling.md says them at len
   go on until that interval lies within ``+-tolerance`` (10%) of the median or the time budget
   per block runs out, and the table says which. Load from other processes hits both members of
   a pair alike, so the ratio survives a busy machine where absolute times do not.
+- **Clock**: with one CPU thread (the default, ``threads=1``) a sample is the calling thread's
+  CPU time (``time.thread_time``), which leaves out the time other processes hold the core;
+  with more threads it is wall-clock time; on CUDA, CUDA events. The output names the clock.
 - **Absolute times** (``machine_ms``) are medians of the same samples and depend on the
   machine, its load and the thread count (``threads``, default 1, recorded in the output).
 - **Peak memory** is the CUDA allocator's ``max_memory_allocated`` on GPU; on CPU it is the peak
@@ -54,8 +57,10 @@ DEFAULT_BUDGET_S = 5.0
 TOLERANCE = 0.10
 """Paired rounds stop once the ratio's 95% interval lies within +-10% of its median."""
 
-SAMPLE_MS = 2.0
-"""Each timed sample repeats a call that is shorter than this until it lasts about this long."""
+SAMPLE_MS = 20.0
+"""Each timed sample lasts at least about this long: a call shorter than the longer of the
+pair, or than this, is repeated within its sample so that both samples of a round last about
+as long and span many of the scheduler's time slices alike (load then stretches both)."""
 
 BASELINE_CONV = "baseline: conv3x3+bn+relu"
 BASELINE_IDENTITY = "baseline: identity"
@@ -121,6 +126,7 @@ def machine_info(device: str | torch.device = "cpu", threads: int | None = None)
         "threads": threads or torch.get_num_threads(),
         "torch": torch.__version__,
         "device": name,
+        "clock": timing_clock(device, threads),
     }
 
 
@@ -144,8 +150,17 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timing_clock(device: str | torch.device, threads: int | None = None) -> str:
+    """``"thread cpu"`` when one CPU thread computes (the calling thread's CPU time, which
+    excludes the time other processes hold the core), else ``"wall"``; CUDA uses events."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "cuda events"
+    return "thread cpu" if (threads or torch.get_num_threads()) == 1 else "wall"
+
+
 def _elapsed_ms(fn: Callable[[], object], device: torch.device, calls: int) -> float:
-    """Milliseconds per call of ``fn`` over ``calls`` back-to-back calls."""
+    """Milliseconds per call of ``fn`` over ``calls`` back-to-back calls (:func:`timing_clock`)."""
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -154,10 +169,11 @@ def _elapsed_ms(fn: Callable[[], object], device: torch.device, calls: int) -> f
         end.record()
         torch.cuda.synchronize(device)
         return start.elapsed_time(end) / calls
-    t0 = time.perf_counter()
+    clock = time.thread_time if timing_clock(device) == "thread cpu" else time.perf_counter
+    t0 = clock()
     for _ in range(calls):
         fn()
-    return (time.perf_counter() - t0) * 1e3 / calls
+    return (clock() - t0) * 1e3 / calls
 
 
 def time_fn(
@@ -226,8 +242,13 @@ class PairedTiming:
         return max(self.ratio - low, high - self.ratio) / self.ratio
 
 
-def _calls_per_sample(fn: Callable[[], object], device: torch.device) -> int:
-    return max(1, round(SAMPLE_MS / max(_elapsed_ms(fn, device, 1), 1e-4)))
+def _calls_per_sample(fns: Sequence[Callable[[], object]], device: torch.device) -> list[int]:
+    """Calls per sample that make every sample last about as long as the longest single call
+    (and at least :data:`SAMPLE_MS`); single calls timed as the median of three."""
+    single = [max(statistics.median(_elapsed_ms(fn, device, 1) for _ in range(3)), 1e-4)
+              for fn in fns]
+    target = max(SAMPLE_MS, *single)
+    return [max(1, round(target / t)) for t in single]
 
 
 def paired_timing(
@@ -243,8 +264,9 @@ def paired_timing(
 ) -> PairedTiming:
     """Time ``baseline`` and ``candidate`` in alternating rounds until the ratio is known.
 
-    After ``warmup`` calls of each, every round times one sample of each (calls shorter than
-    :data:`SAMPLE_MS` are repeated within a sample), swapping which goes first every round.
+    After ``warmup`` calls of each, every round times one sample of each, swapping which goes
+    first every round; the shorter call is repeated within its sample so that both samples
+    last about as long (:data:`SAMPLE_MS` at least).
     From ``min_rounds`` on, the rounds stop when the bootstrap 95% interval of the median ratio
     lies within ``+-tolerance`` of it (``stopped="converged"``) or once ``budget_s`` seconds
     have passed (``stopped="budget"``).
@@ -254,7 +276,7 @@ def paired_timing(
         baseline()
         candidate()
     _synchronize(device)
-    calls = (_calls_per_sample(baseline, device), _calls_per_sample(candidate, device))
+    calls = _calls_per_sample((baseline, candidate), device)
     timing = PairedTiming(max_load=load_average())
     start = time.perf_counter()
     next_check = min_rounds
@@ -468,6 +490,7 @@ def compare(
     threads: int | None = DEFAULT_THREADS,
     tolerance: float = TOLERANCE,
     progress: Callable[[str], None] | None = None,
+    identity: bool = True,
 ) -> list[dict[str, Any]]:
     """Profile blocks side by side with their baselines; one row per block.
 
@@ -479,6 +502,7 @@ def compare(
     in_channels`` and stride 1; blocks with a fixed stride set (``spd_conv``) or a structural
     width use their own. ``latency_x`` is paired (:func:`paired_timing`, at most ``budget``
     seconds per block, ``threads`` threads); see :func:`report` for the table with its machine.
+    ``identity=False`` leaves the identity row out.
     """
     if not names:
         raise ValueError("compare needs at least one block name")
@@ -513,7 +537,7 @@ def compare(
             step(info.name)
             block = measure(create_block(info.name, in_channels, **kwargs), info.name, info.kind)
             pairs.append((baseline(block.output_shape[1], s), block))
-        if any(info.kind == "attention" for info in infos):
+        if identity and any(info.kind == "attention" for info in infos):
             step(BASELINE_IDENTITY)
             pairs.append((baseline(in_channels, 1),
                           measure(nn.Identity(), BASELINE_IDENTITY, "baseline")))
@@ -635,7 +659,8 @@ def report_notes(rows: Sequence[dict[str, Any]], tolerance: float = TOLERANCE) -
 
 def _machine_line(machine: dict[str, Any]) -> str:
     return (f"machine: {machine['cpu']}, {machine['cores']} cores, {machine['threads']} "
-            f"thread(s) used, torch {machine['torch']}, device {machine['device']}")
+            f"thread(s) used, torch {machine['torch']}, device {machine['device']}, "
+            f"clock {machine['clock']}")
 
 
 def report(
