@@ -653,7 +653,8 @@ def report_notes(rows: Sequence[dict[str, Any]], tolerance: float = TOLERANCE) -
         names = ", ".join(str(r.get("block", r.get("model"))) for r in warned)
         notes.append(f"WARNING for {names}: see the warning column (a wide spread means the "
                      "ratio is uncertain; a load average above the cores means other processes "
-                     "competed for the CPU, so machine_ms is inflated).")
+                     "competed for the CPU and its caches: machine_ms is unreliable, the paired "
+                     "ratios much less so).")
     return notes
 
 
