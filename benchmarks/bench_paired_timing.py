@@ -16,6 +16,7 @@ where absolute times (``ms``) may be far off.
 
     python benchmarks/bench_paired_timing.py               # the table (< 5 min; ~2 at --budget 5)
     python benchmarks/bench_paired_timing.py --budget 1    # a smoke run (< 1 min)
+    python benchmarks/bench_paired_timing.py --doc docs/profiling.md   # also put it in the doc
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-from blockzoo.core import format_rows
+from blockzoo.core import format_rows, replace_between_markers
 from blockzoo.tools.profile import compare, load_average, machine_info
 
 BLOCKS = ("se", "gc", "coord_att", "dynamic_conv", "sk_conv")
@@ -47,6 +49,10 @@ def _busy_loops(seconds: float) -> list[subprocess.Popen]:
     return [subprocess.Popen([sys.executable, "-c", code]) for _ in range(os.cpu_count() or 1)]
 
 
+def _load(value: float | None) -> str:
+    return "unknown" if value is None else f"{value:.1f}"
+
+
 def _interval(row: dict) -> str:
     return f"{row['latency_x']:.3f} [{row['latency_x_low']:.3f}, {row['latency_x_high']:.3f}]"
 
@@ -55,6 +61,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budget", type=float, default=5.0,
                         help="seconds of paired timing per block and phase (default 5)")
+    parser.add_argument("--doc", type=Path, default=None,
+                        help="also write the output between the bench-paired markers of DOC")
     args = parser.parse_args()
     torch.manual_seed(0)
     start = time.perf_counter()
@@ -71,9 +79,10 @@ def main() -> None:
         for proc in loops:
             proc.wait()
     machine = machine_info("cpu", 1)
-    print(f"machine: {machine['cpu']}, {machine['cores']} cores, 1 thread used, torch "
-          f"{machine['torch']}, device cpu; 1-min load average before the idle phase "
-          f"{load_before}, at the end of the loaded phase {load_loaded}")
+    header = (f"Machine: {machine['cpu']}, {machine['cores']} cores, 1 thread used, torch "
+              f"{machine['torch']}, device cpu, clock {machine['clock']}; 1-minute load average "
+              f"{_load(load_before)} before the idle phase, {_load(load_loaded)} at the end of "
+              "the loaded phase.")
     rows = []
     for name in BLOCKS:
         a, b = idle[name], loaded[name]
@@ -86,10 +95,17 @@ def main() -> None:
             "block ms idle": a["machine_ms"],
             "block ms loaded": b["machine_ms"],
         })
-    print(format_rows(rows, "markdown"))
     worst = max(abs(r["loaded/idle"] - 1) for r in rows)
-    print(f"\nlargest loaded/idle deviation: {100 * worst:.1f}% (target: within 25%); "
-          f"{len(loops)} busy loops; total {time.perf_counter() - start:.0f} s")
+    text = "\n".join([
+        header, "", format_rows(rows, "markdown"), "",
+        f"Largest loaded/idle deviation: {100 * worst:.1f}% (target: within 25%); "
+        f"{len(loops)} busy loops; total {time.perf_counter() - start:.0f} s; `--budget "
+        f"{args.budget:g}`.",
+    ])
+    print(text)
+    if args.doc is not None:
+        replace_between_markers(args.doc, "<!-- bench-paired:start -->",
+                                "<!-- bench-paired:end -->", text)
 
 
 if __name__ == "__main__":
