@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .core.formatting import format_rows
-from .registry import KINDS, block_info, list_blocks
+from .registry import KINDS, block_info, list_blocks, unknown_name
 from .tools.profile import DEFAULT_BUDGET_S, DEFAULT_THREADS
 from .train.cli import add_subcommands as add_train_subcommands
 
@@ -136,12 +136,19 @@ def _profile_models(args: argparse.Namespace, names: list[str]) -> int:
 
 
 def _cmd_profile(args: argparse.Namespace) -> int:
-    from .tools.networks import is_model_name
+    from .tools.networks import SOURCES, is_model_name, model_names
     from .tools.profile import profile
 
     _check_outputs(args)
     if is_model_name(args.name) or args.insert or args.replace:
         return _profile_models(args, [args.name])
+    if args.name not in list_blocks():
+        models = sorted({m for source in SOURCES for m in model_names(source)})
+        raise unknown_name("block or model", args.name, list_blocks() + models,
+                           "blockzoo list, blockzoo models --source all")
+    if args.plot:
+        raise ValueError("--plot draws a comparison: use it with compare, or a network with "
+                         "--insert/--replace")
     info = block_info(args.name)
     kwargs = {"stride": args.stride if args.stride is not None else info.default_stride}
     if args.out_channels is not None:

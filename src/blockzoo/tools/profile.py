@@ -491,6 +491,7 @@ def compare(
     tolerance: float = TOLERANCE,
     progress: Callable[[str], None] | None = None,
     identity: bool = True,
+    repeat: int | None = None,
 ) -> list[dict[str, Any]]:
     """Profile blocks side by side with their baselines; one row per block.
 
@@ -502,14 +503,15 @@ def compare(
     in_channels`` and stride 1; blocks with a fixed stride set (``spd_conv``) or a structural
     width use their own. ``latency_x`` is paired (:func:`paired_timing`, at most ``budget``
     seconds per block, ``threads`` threads); see :func:`report` for the table with its machine.
-    ``identity=False`` leaves the identity row out.
+    ``identity=False`` leaves the identity row out; ``repeat`` is the older name of
+    ``min_rounds``.
     """
     if not names:
         raise ValueError("compare needs at least one block name")
     infos = [block_info(n) for n in names]  # KeyError for unknown names, before any work
     device = _device(device)
     size = (batch, in_channels, *input_size)
-    timer = _Timer(device, warmup, min_rounds, budget, tolerance)
+    timer = _Timer(device, warmup, min_rounds if repeat is None else repeat, budget, tolerance)
 
     def step(label: str) -> None:
         if progress is not None:
