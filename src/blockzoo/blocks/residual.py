@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.counting import map_elements
 from ..layers import ConvNormAct, LayerSpec, create_act
 from ..registry import block_info, create_block, list_blocks, register_block
 from .base import Block
@@ -257,6 +258,10 @@ class ResidualBlock(Block):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         return self.act(self.attention(self.body(x)) + self.shortcut(x))
+
+    def extra_flops(self, x: torch.Tensor) -> int:
+        """The shortcut add, one per output value (attention blocks inside declare their own)."""
+        return 2 * map_elements(x, self.out_channels, self.stride)
 
 
 @register_block(
