@@ -21,7 +21,8 @@ from ..layers import ConvNormAct
 from ..registry import block_info, list_blocks
 
 #: Global pooling types of the head (timm's names): average, max, their mean, or none (``""``:
-#: ``forward`` then returns the unpooled map, which needs ``num_classes=0``).
+#: ``forward`` then returns the unpooled map, or with ``num_classes > 0`` the classifier applied
+#: at every position, ``(N, num_classes, h, w)``).
 GLOBAL_POOLS = ("avg", "max", "avgmax", "")
 
 
@@ -92,7 +93,8 @@ class StagedNet(nn.Module):
       ``"max"``, ``"avgmax"`` or ``""`` for none) -> dropout -> ``fc``; ``pre_logits=True``
       stops before ``fc`` (``(N, num_features)``);
     - ``forward(x)``: ``forward_head(forward_features(x))``, the logits ``(N, num_classes)``
-      (``num_classes=0``: the pooled features; with ``global_pool=""`` too: the unpooled map);
+      (``num_classes=0``: the pooled features; ``global_pool=""``: the unpooled map, or the
+      classifier applied at every position, ``(N, num_classes, h, w)``);
     - ``features_only=True``: the head is not built, the stages after the last of
       ``out_indices`` neither, and ``forward`` returns the list of the stage outputs chosen by
       ``out_indices`` (default: all; negative indices count from the end);
@@ -177,9 +179,6 @@ class StagedNet(nn.Module):
             return
         require(owner, global_pool in GLOBAL_POOLS,
                  f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
-        require(owner, global_pool or not num_classes,
-                 f"global_pool='' returns the unpooled map, which needs num_classes=0, "
-                 f"got num_classes={num_classes}")
 
     def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The outputs of every built stage, at strides ``feature_strides``."""
@@ -208,7 +207,11 @@ class StagedNet(nn.Module):
         elif self.global_pool == "avgmax":
             x = 0.5 * (x.mean(dim=(2, 3)) + x.amax(dim=(2, 3)))
         x = self.drop(x)
-        return x if pre_logits else self.fc(x)
+        if pre_logits:
+            return x
+        if x.dim() == 4:  # no pooling: the classifier at every position
+            return self.fc(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.fc(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         if self.features_only:

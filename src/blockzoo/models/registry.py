@@ -161,7 +161,7 @@ def list_models(pattern: str | None = None, pretrained: bool = False) -> list[st
 
 def create_model(
     name: str,
-    pretrained: bool | str | os.PathLike = False,
+    pretrained: bool | str | os.PathLike | ReleasedWeights = False,
     *,
     num_classes: int | None = None,
     in_chans: int = 3,
@@ -176,7 +176,8 @@ def create_model(
     - ``pretrained``: ``False``; ``True`` (the first of ``default_cfg["weights"]``, downloaded
       into torch.hub's cache and checked against its SHA-256); a local file (blockzoo's own
       state_dict or an authors' checkpoint, ``.pth``/``.pt``/``.safetensors``); or an
-      ``http(s)://`` URL. See :func:`blockzoo.models.pretrained.load_pretrained`.
+      ``http(s)://`` URL; or one of ``default_cfg["weights"]``. See
+      :func:`blockzoo.models.pretrained.load_pretrained`.
     - ``num_classes``: the classifier's size (default: ``default_cfg["num_classes"]``; 0: no
       classifier). A checkpoint with another number of classes loads without its classifier.
     - ``in_chans``: input channels (a pretrained first conv is adapted as timm does).
@@ -191,7 +192,7 @@ def create_model(
     docstring) with ``num_classes`` and ``input_size`` set to what was built.
     """
     info = model_info(name)
-    if not isinstance(pretrained, bool | str | os.PathLike):
+    if not isinstance(pretrained, bool | str | os.PathLike | ReleasedWeights):
         raise TypeError(f"create_model: pretrained must be a bool, a path or a URL, got "
                         f"{pretrained!r} (num_classes and the other options are keywords)")
     if num_classes is None:
