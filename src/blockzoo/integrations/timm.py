@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -129,6 +130,12 @@ def _entrypoint(model_name: str, factory: Callable[..., nn.Module]) -> Callable[
             return factory(**kwargs)
         cfg = resolve_pretrained_cfg(model_name, pretrained_cfg, pretrained_cfg_overlay)
         source = _source(blockzoo_name, cfg, cfg.tag) if pretrained else False
+        if source is True and not blockzoo.model_info(blockzoo_name).default_cfg["weights"]:
+            # timm's convention for an architecture without weights (its scripts default to
+            # pretrained=True): a warning and the random initialisation
+            warnings.warn(f"{model_name}: no pretrained weights exist for this model; using "
+                          f"random initialization", stacklevel=2)
+            source = False
         model = factory(pretrained=source, **kwargs)
         merged = {**cfg.to_dict(), **model.default_cfg}
         model.default_cfg = model.pretrained_cfg = merged
@@ -154,8 +161,9 @@ def register_models(
     so ``timm.models.get_pretrained_cfg``, ``timm.data.resolve_data_config`` and
     ``timm.create_model(name, pretrained=True)`` work: the weights are those of
     ``blockzoo.create_model(name, pretrained=...)`` (the tag's released checkpoint, or a local
-    file given as ``pretrained_cfg_overlay=dict(file="path")``). The model's ``pretrained_cfg``
-    is timm's cfg with blockzoo's ``default_cfg`` over it. Other factories have no weights:
+    file given as ``pretrained_cfg_overlay=dict(file="path")``); for a model without released
+    weights timm's convention holds (a warning, random initialisation). The model's
+    ``pretrained_cfg`` is timm's cfg with blockzoo's ``default_cfg`` over it. Other factories have no weights:
     ``pretrained=True`` raises.
     """
     factories = _blockzoo_models() if factories is None else factories
