@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.counting import map_elements
 from ..core.validation import check_positive_int
 from ..layers import LayerSpec, create_act, create_norm, same_padding
 from ..registry import register_block
@@ -209,6 +210,12 @@ class ExpertConv2d(Block):
         n, _, oh, ow = y.shape
         y = torch.matmul(routing.reshape(-1, 1, 1, k), y.reshape(n, g, k, -1))
         return y.reshape(n, c_out, oh, ow)
+
+    def extra_flops(self, x: torch.Tensor) -> int:
+        """The routing's global average pool, one multiply-add per input value: ``2 * N*C*H*W``
+        FLOPs. The kernel aggregation (or the expert mixing) is a matmul and the convolution
+        a conv, both counted by FlopCounterMode."""
+        return 2 * map_elements(x)
 
     def mixture_conv(self, x: torch.Tensor, routing: torch.Tensor) -> torch.Tensor:
         """``conv(x_n, sum_k r_nk W_k) + sum_k r_nk b_k`` for routing ``(N, K)`` or ``(1, K)``.
