@@ -23,6 +23,7 @@ import math
 import torch
 from torch import nn
 
+from ..core.counting import map_elements
 from ..layers import ConvNormAct, LayerSpec, create_act, create_norm, make_divisible
 from ..registry import register_block
 from .base import ExplainKey, ShapePreservingBlock
@@ -78,6 +79,11 @@ class SqueezeExcite(ShapePreservingBlock):
         s = x.mean(dim=(2, 3), keepdim=True)
         s = self.gate(self.fc2(self.act(self.fc1(s))))
         return x * s
+
+    def extra_flops(self, x: torch.Tensor) -> int:
+        """The squeeze (a mean over positions: one multiply-add per input value) and the
+        excitation ``x * s`` (one per output value): ``2 * 2 * N * C * H * W`` FLOPs."""
+        return 2 * 2 * map_elements(x)
 
     def explain(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The channel gate ``s`` of shape ``(N, C)``."""
@@ -174,6 +180,13 @@ class GlobalContext(ShapePreservingBlock):
             out = out + self.channel_add(context)
         return out
 
+    def extra_flops(self, x: torch.Tensor) -> int:
+        """Context pooling (softmax-weighted or plain mean over positions: one multiply-add per
+        input value), then one per output value for each fusion (``x * sigmoid(.)``,
+        ``x + T(c)``): ``2 * (1 + fusions) * N * C * H * W`` FLOPs."""
+        fusions = (self.channel_mul is not None) + (self.channel_add is not None)
+        return 2 * (1 + fusions) * map_elements(x)
+
     def explain(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The context mask over positions, ``(N, H, W)``."""
         self.check_input(x)
@@ -240,22 +253,16 @@ class CoordinateAttention(ShapePreservingBlock):
         a_h, a_w = self.gates(x)
         return x * a_h * a_w
 
+    def extra_flops(self, x: torch.Tensor) -> int:
+        """The two directional poolings (each one multiply-add per input value) and the two
+        gate products ``x * a_h * a_w`` (one each per output value): ``2 * 4 * N*C*H*W``."""
+        return 2 * 4 * map_elements(x)
+
     def explain(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The spatial map ``a_h x a_w`` averaged over channels, ``(N, H, W)``."""
         self.check_input(x)
         a_h, a_w = self.gates(x)
         return {ExplainKey.ATTENTION_MAP: (a_h * a_w).mean(dim=1)}
-
-
-def _feature_map_flops(x: torch.Tensor, multiply_adds_per_value: int) -> int:
-    """FLOPs of ``multiply_adds_per_value`` multiply-adds for every value of ``x`` (2 each).
-
-    blockzoo's rule (docs/profiling.md): a product of the feature map by computed weights and
-    each term of a sum over feature-map values (pooling included) is one multiply-add; max
-    pooling, activations, normalisation and tensors without the full ``H x W x C`` extent are
-    not counted here (the counter sees convs and matmuls).
-    """
-    return 2 * multiply_adds_per_value * x.numel()
 
 
 @register_block(
@@ -354,11 +361,11 @@ class CBAM(ShapePreservingBlock):
         }
 
     def extra_flops(self, x: torch.Tensor) -> int:
-        """Feature-map FLOPs (see :func:`_feature_map_flops`): one multiply-add per value for
-        the average pool, the channel gating, the channel mean and the spatial gating (the two
-        max poolings are compares): ``2 * 4 * N * C * H * W``. FlopCounterMode counts the MLP
-        and the 7x7 conv."""
-        return _feature_map_flops(x, 4)
+        """The average pool over positions, the channel gating, the mean over channels and the
+        spatial gating, one multiply-add per value each (the two max poolings are compares, not
+        counted): ``2 * 4 * N * C * H * W`` FLOPs. FlopCounterMode counts the MLP and the 7x7
+        conv."""
+        return 2 * 4 * map_elements(x)
 
 
 def eca_kernel_size(channels: int, gamma: float = 2, b: float = 1) -> int:
@@ -436,10 +443,10 @@ class EfficientChannelAttention(ShapePreservingBlock):
         return {ExplainKey.CHANNEL_GATE: self.channel_gate(x)}
 
     def extra_flops(self, x: torch.Tensor) -> int:
-        """Feature-map FLOPs (see :func:`_feature_map_flops`): one multiply-add per value for
-        the average pool and for the gating, ``2 * 2 * N * C * H * W``; FlopCounterMode counts
-        the 1-D conv."""
-        return _feature_map_flops(x, 2)
+        """The average pool (one multiply-add per input value) and the gating ``x * s`` (one
+        per output value): ``2 * 2 * N * C * H * W`` FLOPs; FlopCounterMode counts the 1-D
+        conv."""
+        return 2 * 2 * map_elements(x)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, kernel_size={self.kernel_size}"
@@ -512,10 +519,10 @@ class SimAM(ShapePreservingBlock):
         return {ExplainKey.POSITION_WEIGHTS: self.position_weights(x).mean(dim=1)}
 
     def extra_flops(self, x: torch.Tensor) -> int:
-        """Feature-map FLOPs (see :func:`_feature_map_flops`): one multiply-add per value for
-        each of the mean, ``d = (x - mu)^2``, the sum of ``d``, ``d / (4 (sigma^2 + lambda)) +
-        0.5`` and the gating ``x * sigmoid(.)``: ``2 * 5 * N * C * H * W``."""
-        return _feature_map_flops(x, 5)
+        """One multiply-add per value for each of the mean over positions, ``d = (x - mu)^2``,
+        the sum of ``d``, ``d / (4 (sigma^2 + lambda)) + 0.5`` and the gating ``x * sigmoid(.)``:
+        ``2 * 5 * N * C * H * W`` FLOPs (the sigmoid is not counted)."""
+        return 2 * 5 * map_elements(x)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, e_lambda={self.e_lambda}"
