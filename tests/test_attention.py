@@ -228,6 +228,9 @@ def test_eca_matches_the_paper_in_float64() -> None:
     gate = torch.sigmoid(logits)
     torch.testing.assert_close(eca(x), x * gate[:, :, None, None], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(eca.explain(x)["channel_gate"], gate, rtol=1e-12, atol=1e-12)
+    # the same numbers as the module's Conv1d (the authors' layout: conv.weight is (1, 1, k))
+    conv_gate = torch.sigmoid(eca.conv(y[:, None, :]))[:, 0]
+    torch.testing.assert_close(eca.channel_gate(x), conv_gate, rtol=1e-12, atol=1e-12)
 
 
 def test_eca_options() -> None:

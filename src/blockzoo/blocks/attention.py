@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..core.counting import map_elements
@@ -430,8 +431,16 @@ class EfficientChannelAttention(ShapePreservingBlock):
         self.place(device, dtype)
 
     def channel_gate(self, x: torch.Tensor) -> torch.Tensor:
-        """``s`` of shape ``(N, C)``."""
-        return torch.sigmoid(self.conv(x.mean(dim=(2, 3))[:, None, :]))[:, 0]
+        """``s`` of shape ``(N, C)``.
+
+        ``self.conv``'s weight is applied as a product with the ``k`` zero-padded neighbours of
+        every channel, the same numbers as ``self.conv(y[:, None])``: on CPU, oneDNN's conv1d
+        costs about 150 us for this single-channel shape, the product a few us.
+        """
+        k = self.kernel_size
+        pooled = F.pad(x.mean(dim=(2, 3)), ((k - 1) // 2, (k - 1) // 2))  # (N, C + k - 1)
+        neighbours = pooled.unfold(1, k, 1)  # (N, C, k)
+        return torch.sigmoid((neighbours @ self.conv.weight.reshape(k, 1))[..., 0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
