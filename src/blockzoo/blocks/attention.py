@@ -434,8 +434,8 @@ class EfficientChannelAttention(ShapePreservingBlock):
         """``s`` of shape ``(N, C)``.
 
         ``self.conv``'s weight is applied as a product with the ``k`` zero-padded neighbours of
-        every channel, the same numbers as ``self.conv(y[:, None])``: on CPU, oneDNN's conv1d
-        costs about 150 us for this single-channel shape, the product a few us.
+        every channel: the same numbers as ``self.conv(y[:, None])``, without the large fixed
+        cost of oneDNN's conv1d for this single-channel shape on CPU.
         """
         k = self.kernel_size
         pooled = F.pad(x.mean(dim=(2, 3)), ((k - 1) // 2, (k - 1) // 2))  # (N, C + k - 1)
