@@ -26,9 +26,12 @@ from blockzoo.cli import main as cli_main
 from blockzoo.core import count_flops
 from blockzoo.models import create_model
 from blockzoo.train import bench, checkpoint, data, engine
+from blockzoo.train.build import WarmupCosine
 from blockzoo.train.cli import parse_kwargs
+from blockzoo.train.config import TrainConfig
 from blockzoo.train.data import Augmented, build_data, make_synthetic
-from blockzoo.train.engine import TrainConfig, WarmupCosine, read_metrics, train
+from blockzoo.train.engine import train
+from blockzoo.train.metrics import read_metrics
 
 #: A narrow resnet_cifar (one bottleneck per stage, 3x3 widths 8/8/16/16) for 16x16 images.
 TINY = dict(layers=(1, 1, 1, 1), widths=(32, 32, 64, 64), stem_width=16, strides=(1, 2, 2, 1))
@@ -62,7 +65,7 @@ def test_synthetic_training_learns_well_above_chance(tmp_path: Path) -> None:
     assert accs[-1] > accs[0] + 15, accs
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
     rows = read_metrics(tmp_path / engine.METRICS)
-    assert [r["epoch"] for r in rows] == list(range(6))
+    assert [r["epoch"] for r in rows] == list(range(1, 7))  # numbered as the log numbers them
     assert rows[-1]["val_acc"] == pytest.approx(result.val_acc)
     assert all(r["temperature"] == "" for r in rows)  # no dynamic conv: no schedule
     # The learning rate warms up (half an epoch) to at most 0.1, then decays (cosine).
@@ -90,7 +93,7 @@ def test_resume_continues_bit_for_bit(tmp_path: Path) -> None:
     full = train(tiny_config(tmp_path / "full", **cfg))
     with pytest.raises(_Killed):
         train(tiny_config(tmp_path / "cut", **cfg), on_epoch_end=[_kill_after_first_epoch])
-    assert torch.load(tmp_path / "cut" / engine.CHECKPOINT, weights_only=True)["epoch"] == 1
+    assert checkpoint.load_checkpoint(tmp_path / "cut" / engine.CHECKPOINT)["epoch"] == 1
     assert not (tmp_path / "cut" / engine.WEIGHTS).exists()
     resumed = train(tiny_config(tmp_path / "cut", resume=True, **cfg))
     a, b = full.model.state_dict(), resumed.model.state_dict()
@@ -103,9 +106,9 @@ def test_resume_continues_bit_for_bit(tmp_path: Path) -> None:
     assert [{k: v for k, v in r.items() if k not in timing}
             for r in read_metrics(tmp_path / "cut" / engine.METRICS)] == strip
     assert [r["temperature"] for r in strip] == [30.0, 1.0]  # DY-Conv annealed 30 -> 1
-    assert [r["epoch"] for r in resumed.history] == [0, 1]  # history includes epoch 0
+    assert [r["epoch"] for r in resumed.history] == [1, 2]  # history includes epoch 1
     # The final weights, as safetensors, are the model's.
-    exported = bz.train.load_trained(tmp_path / "cut")
+    exported, _ = bz.load_trained(tmp_path / "cut")
     for key, value in exported.state_dict().items():
         assert torch.equal(value, b[key]), key
 
@@ -115,7 +118,7 @@ def test_resume_refuses_other_settings_and_overwriting(tmp_path: Path) -> None:
     train(config)
     with pytest.raises(ValueError, match="already holds a checkpoint"):
         train(config)
-    with pytest.raises(ValueError, match=r"lr \(checkpoint None, now 0.5\)"):
+    with pytest.raises(ValueError, match=r"lr \(checkpoint 0.1, now 0.5\)"):
         train(dataclasses.replace(config, resume=True, lr=0.5))
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train(dataclasses.replace(config, out=str(tmp_path / "empty"), resume=True))
@@ -133,6 +136,7 @@ def test_checkpoint_is_weights_only_and_restores_rng(tmp_path: Path) -> None:
     expected = (torch.rand(4), np.random.rand(4), [random.random() for _ in range(4)])
     path = checkpoint.save_checkpoint(state, tmp_path / "c.pt")
     loaded = torch.load(path, weights_only=True)  # plain data only: loads without pickled code
+    assert checkpoint.load_checkpoint(path)["x"].tolist() == [0, 1, 2]  # checksum verified
     torch.manual_seed(0)
     np.random.seed(0)
     random.seed(0)
@@ -212,14 +216,15 @@ def test_ddp_two_processes_gloo_via_torchrun(tmp_path: Path) -> None:
     assert "2 processes on cpu" in log
     assert log.count("epoch 1/2 |") == 1 and log.count("final val acc") == 1, log
     rows = read_metrics(out / engine.METRICS)
-    assert [r["epoch"] for r in rows] == [0, 1]
+    assert [r["epoch"] for r in rows] == [1, 2]
     for r in rows:  # evaluated on all 201 images (both shards summed), not rank 0's 101
         correct = r["val_acc"] * 201 / 100
         assert abs(correct - round(correct)) < 1e-6, r["val_acc"]
     saved = checkpoint.load_checkpoint(out / engine.CHECKPOINT)
     assert saved["world_size"] == 2 and saved["epoch"] == 2
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["config.json", "metrics.csv", "last.pt", "model.safetensors"])
+        ["config.json", "run.json", "metrics.csv", "last.pt", "previous.pt", "best.pt",
+         "model.safetensors"])
 
 
 # --------------------------------------------------------------------------- bench-accuracy
@@ -433,7 +438,7 @@ def test_cli_train_through_the_entry_point(tmp_path: Path) -> None:
     assert "final val acc" in result.stdout and "epoch 1/1 |" in result.stderr
     with open(out / "metrics.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == 1
-    model = bz.train.load_trained(out)
+    model, _ = bz.load_trained(out)
     assert model(torch.zeros(2, 3, 16, 16)).shape == (2, 10)
     # bench-accuracy through the in-process entry point: the table goes to stdout.
     bench_args = ["bench-accuracy", "--blocks", "conv", "--attention", "none,gc", "--seeds",
@@ -443,7 +448,9 @@ def test_cli_train_through_the_entry_point(tmp_path: Path) -> None:
     stdout = io.StringIO()
     with redirect_stderr(io.StringIO()), redirect_stdout(stdout):
         assert cli_main(bench_args) == 0
-        assert cli_main([*bench_args[:6], "0", *bench_args[7:]]) == 2  # --seeds 0
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main([*bench_args[:6], "0", *bench_args[7:]])  # --seeds 0
+        assert exit_info.value.code == 2
     lines = stdout.getvalue().splitlines()
     assert lines[0].startswith("| block | attention |") and len(lines) == 4
     assert lines[3].startswith("| conv | gc |")

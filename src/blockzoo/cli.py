@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
 from .core.formatting import format_rows
+from .core.interrupt import Interrupted, signal_name, signals_raise
+from .core.validation import cli_int
 from .registry import KINDS, block_info, list_blocks
+from .train.checkpoint import CheckpointError
 from .train.cli import add_subcommands as add_train_subcommands
+from .train.engine import TrainingDiverged, TrainingInterrupted
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -121,23 +128,34 @@ def _cmd_viz(args: argparse.Namespace) -> int:
 
 
 def _add_size_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--in", dest="in_channels", type=int, default=64, help="input channels")
-    p.add_argument("--out", dest="out_channels", type=int, default=None,
+    positive = cli_int(1)
+    p.add_argument("--in", dest="in_channels", type=positive, default=64, help="input channels")
+    p.add_argument("--out", dest="out_channels", type=positive, default=None,
                    help="output channels (default: the block's)")
-    p.add_argument("--size", type=int, default=56, help="input height and width")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--stride", type=int, default=None, help="stride (default: the block's)")
+    p.add_argument("--size", type=positive, default=56, help="input height and width")
+    p.add_argument("--batch", type=positive, default=8)
+    p.add_argument("--stride", type=positive, default=None,
+                   help="stride (default: the block's)")
     p.add_argument("--backward", action="store_true", help="time forward+backward")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--warmup", type=cli_int(0), default=2)
+    p.add_argument("--repeat", type=positive, default=5)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line on stderr (``blockzoo train: error: ...``), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="blockzoo", description="Tested, paper-faithful CNN building blocks for PyTorch."
     )
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of errors (may also follow the sub-command)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("list", help="table of every registered block",
@@ -185,13 +203,56 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Exceptions that report a user's mistake (bad value, missing file, refused checkpoint).
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, OSError, CheckpointError)
+
+
+def _resume_command(command: str, argv: list[str]) -> str:
+    """The command line that continues an interrupted ``train`` / ``bench-accuracy``."""
+    args = list(argv)
+    if command == "train" and "--resume" not in args:
+        args.append("--resume")
+    from .train.distributed import launched_by_torchrun
+
+    if launched_by_torchrun():
+        prefix = f"torchrun --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', '?')} -m"
+        return f"{prefix} blockzoo {shlex.join(args)}"
+    return f"blockzoo {shlex.join(args)}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``blockzoo`` command; the exit code. User errors are one line on stderr (exit 2),
+    a non-finite training loss exit 1, SIGINT 130 and SIGTERM 143; ``--debug`` shows
+    tracebacks."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     args = build_parser().parse_args(argv)
+    prefix = f"blockzoo {args.command}"
     try:
-        return args.func(args)
-    except (ValueError, KeyError, FileNotFoundError, OSError) as err:
+        with signals_raise():
+            return args.func(args)
+    except TrainingInterrupted as err:
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone says it
+            print(f"{prefix}: {err}; resume with: {_resume_command(args.command, argv)}",
+                  file=sys.stderr)
+        return err.exit_code
+    except (KeyboardInterrupt, Interrupted) as err:
+        signum = getattr(err, "signum", 2)
+        hint = ("; run the same command again to continue (finished runs are kept)"
+                if args.command == "bench-accuracy" else "")
+        print(f"{prefix}: interrupted by {signal_name(signum)}{hint}", file=sys.stderr)
+        return 128 + signum
+    except TrainingDiverged as err:
+        if debug:
+            raise
+        print(f"{prefix}: error: {err}", file=sys.stderr)
+        return 1
+    except USER_ERRORS as err:
+        if debug:
+            raise
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"blockzoo {args.command}: error: {message}", file=sys.stderr)
+        print(f"{prefix}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -29,8 +29,11 @@ import torch
 from ..core.counting import count_flops
 from ..core.formatting import format_rows
 from ..registry import block_info
+from .config import TrainConfig
 from .distributed import launched_by_torchrun
-from .engine import CHECKPOINT, METRICS, TrainConfig, read_metrics, train
+from .engine import train
+from .metrics import read_metrics
+from .run import CHECKPOINT, METRICS
 
 #: ``--blocks`` name of the plain 3x3 convolution (the model's default, ``conv=None``).
 PLAIN_CONV = "conv"
