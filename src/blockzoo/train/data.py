@@ -269,7 +269,7 @@ def _cifar(name: str, root: Path, download: bool) -> tuple[Dataset, Dataset, tup
 
 
 def image_problem(path: str | Path) -> str | None:
-    """Why ``path`` is not a usable image (``"empty file"``, ``"truncated ..."``, ...), or None.
+    """Why ``path`` is not a usable image (``"empty file"``, ``"truncated: ..."``, ...), or None.
 
     A fast check: the header (format, size) and, for JPEG and PNG, the end marker that a
     truncated file lacks; other formats are verified by PIL.
@@ -293,11 +293,12 @@ def image_problem(path: str | Path) -> str | None:
     except UnidentifiedImageError:
         return "not a readable image"
     except (OSError, SyntaxError, ValueError) as err:
-        return f"unreadable ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        return f"{'truncated' if 'truncat' in detail.lower() else 'unreadable'}: {detail}"
     if fmt == "JPEG" and b"\xff\xd9" not in tail:
-        return "truncated (no JPEG end marker)"
+        return "truncated: no JPEG end marker"
     if fmt == "PNG" and b"IEND" not in tail:
-        return "truncated (no PNG end chunk)"
+        return "truncated: no PNG end chunk"
     return None
 
 

@@ -378,6 +378,9 @@ class _Trainer:
         try:
             for step, (images, labels) in enumerate(loader, first):
                 x, y = self._inputs(images, labels)
+                # A skipped batch must not leave its statistics in the BatchNorm buffers.
+                buffers = ([b.clone() for b in self.model.buffers()]
+                           if self.config.skip_nonfinite else [])
                 with self._autocast():
                     logits = self.ddp(x)
                     loss = F.cross_entropy(logits.float(), y, label_smoothing=smoothing)
@@ -388,6 +391,9 @@ class _Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 if bad:
                     skipped += 1
+                    with torch.no_grad():
+                        for buffer, saved in zip(self.model.buffers(), buffers, strict=True):
+                            buffer.copy_(saved)
                 else:
                     self.scaler.scale(loss).backward()
                     self.scaler.step(self.optimizer)

@@ -133,7 +133,12 @@ def _from_pretrained(name: str, weights: str | Path | None) -> tuple[nn.Module, 
                                                       "head.weight"))]
     num_classes = fc[-1].shape[0] if fc else 1000
     model = create_model(name, num_classes=num_classes)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shapes that differ
+        detail = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line),
+                      "tensor shapes differ")
+        raise ValueError(f"{weights} does not fit {name}: {detail}") from None
     if missing or unexpected:
         raise ValueError(f"{weights} does not fit {name}: {len(missing)} missing tensors "
                          f"(e.g. {', '.join(missing[:2]) or '-'}), {len(unexpected)} unexpected "
