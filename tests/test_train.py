@@ -649,7 +649,7 @@ def test_stale_temporary_files_are_removed_at_start(tmp_path: Path,
 
 def _start_training(out: Path, epochs: int, *extra: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "blockzoo", "train", "--data", "synthetic", "--image-size",
-           "16", "--train-size", "256", "--val-size", "32", "--batch-size", "16", "--epochs",
+           "16", "--train-size", "160", "--val-size", "16", "--batch-size", "16", "--epochs",
            str(epochs), "--no-progress", "--seed", "1", "--out", str(out), *SMALL_ARGS, *extra]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=_env())
@@ -670,7 +670,7 @@ def _interrupt_after_first_epoch(proc: subprocess.Popen, signum: int) -> tuple[s
 def test_signal_writes_a_resumable_checkpoint_and_prints_the_resume_command(
         tmp_path: Path, signum: int, code: int) -> None:
     out = tmp_path / "run"
-    proc = _start_training(out, 4)
+    proc = _start_training(out, 3)
     _, err = _interrupt_after_first_epoch(proc, signum)
     assert proc.returncode == code, err
     assert "Traceback" not in err
@@ -689,13 +689,13 @@ def test_signal_writes_a_resumable_checkpoint_and_prints_the_resume_command(
     resumed = subprocess.run([sys.executable, "-m", *command], capture_output=True, text=True,
                              timeout=300, env=_env())
     assert resumed.returncode == 0, resumed.stderr
-    reference = _start_training(tmp_path / "ref", 4)
+    reference = _start_training(tmp_path / "ref", 3)
     reference.communicate(timeout=300)
     assert reference.returncode == 0
     a, _ = checkpoint.read_safetensors(out / engine.WEIGHTS)
     b, _ = checkpoint.read_safetensors(tmp_path / "ref" / engine.WEIGHTS)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert [r["epoch"] for r in read_metrics(out / engine.METRICS)] == [1, 2, 3, 4]
+    assert [r["epoch"] for r in read_metrics(out / engine.METRICS)] == [1, 2, 3]
 
 
 def test_profile_compare_and_bench_stop_cleanly_on_signals(tmp_path: Path,

@@ -197,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image", nargs="?", default=None,
                    help="image file (default: scikit-image's astronaut photograph)")
     p.add_argument("--out", default=None, help="PNG to write (default: reports/viz_NAME.png)")
-    p.add_argument("--size", type=int, default=224, help="side the image is resized to")
+    p.add_argument("--size", type=cli_int(1), default=224,
+                   help="side the image is resized to")
     p.set_defaults(func=_cmd_viz)
     add_train_subcommands(sub)
     return parser
