@@ -36,6 +36,7 @@ from blockzoo.train.cli import parse_kwargs
 from blockzoo.train.config import TrainConfig
 from blockzoo.train.data import Augmented, build_data, make_synthetic
 from blockzoo.train.engine import train
+from blockzoo.train.loaders import Loaders
 from blockzoo.train.metrics import read_metrics
 
 #: A narrow resnet_cifar (one bottleneck per stage, 3x3 widths 8/8/16/16) for 16x16 images.
@@ -171,7 +172,7 @@ def test_checkpoint_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 def test_each_epoch_has_its_own_order_and_augmentation(tmp_path: Path) -> None:
     config = tiny_config(tmp_path, train_size=64)
     env = engine.init_distributed("cpu")
-    loaders = engine._Loaders(build_data("synthetic", image_size=16, train_size=64), config, env)
+    loaders = Loaders(build_data("synthetic", image_size=16, train_size=64), config, env)
 
     def first_batch(epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         loaders.set_epoch(epoch)

@@ -62,8 +62,8 @@ class DataBundle:
     #: Class names in label order.
     classes: tuple[str, ...]
     preprocessing: Preprocessing
-    #: ``"path: reason"`` of the unreadable images dropped (``skip_bad_images``).
-    dropped: tuple[str, ...] = field(default=())
+    #: ``(path, reason)`` of the unreadable images left out (``skip_bad_images``).
+    dropped: tuple[tuple[str, str], ...] = field(default=())
 
     @property
     def num_classes(self) -> int:
@@ -341,7 +341,7 @@ class _ResizedImageFolder(Dataset):
 
 
 def _imagefolder(root: Path, preprocessing: Preprocessing, skip_bad_images: bool
-                 ) -> tuple[Dataset, Dataset, tuple[str, ...], tuple[str, ...]]:
+                 ) -> tuple[Dataset, Dataset, tuple[str, ...], tuple[tuple[str, str], ...]]:
     for split in ("train", "val"):
         if not (root / split).is_dir():
             raise FileNotFoundError(
@@ -358,8 +358,7 @@ def _imagefolder(root: Path, preprocessing: Preprocessing, skip_bad_images: bool
         split.drop({p for p, _ in bad})
         if not len(split):
             raise ValueError(f"no readable image left in {split.folder.root}")
-    dropped = tuple(f"{p}: {why}" for p, why in bad)
-    return train, val, tuple(train.folder.classes), dropped
+    return train, val, tuple(train.folder.classes), tuple(bad)
 
 
 def _first(ds: Dataset, n: int | None) -> Dataset:

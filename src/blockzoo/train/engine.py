@@ -22,11 +22,10 @@ uninterrupted run.
 
 from __future__ import annotations
 
-import itertools
 import json
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,10 +34,9 @@ import torch
 import torch.distributed
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from ..core.counting import count_parameters
-from ..core.interrupt import StopRequest, ignore_sigint, signal_name
+from ..core.interrupt import StopRequest, signal_name
 from .build import (
     WarmupCosine,
     build_model,
@@ -57,10 +55,9 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import TrainConfig, resolve, resume_mismatch, temperature_settings
-from .data import Augmented, DataBundle, build_data, default_workers, describe_bad_images
+from .data import build_data, describe_bad_images
 from .distributed import (
     DistEnv,
-    ShardSampler,
     all_reduce_sum,
     broadcast_buffers,
     check_replicas_equal,
@@ -69,7 +66,8 @@ from .distributed import (
     launched_by_torchrun,
     wrap_model,
 )
-from .metrics import MetricsLog, Totals, check_tensorboard
+from .loaders import Loaders
+from .metrics import MetricsLog, Totals, check_tensorboard, epoch_line, fmt_time
 from .run import (
     BEST,
     CHECKPOINT,
@@ -137,59 +135,6 @@ class TrainResult:
         return sum(r["train_images_per_s"] for r in self.history) / len(self.history)
 
 
-class _SkipFirst(Sampler[int]):
-    """``sampler``'s indices without the first ``skip`` (a resumed, half-done epoch)."""
-
-    def __init__(self, sampler: DistributedSampler) -> None:
-        self.sampler = sampler
-        self.skip = 0
-
-    def __iter__(self) -> Iterator[int]:
-        return itertools.islice(iter(self.sampler), self.skip, None)
-
-    def __len__(self) -> int:
-        return max(0, len(self.sampler) - self.skip)
-
-
-class _Loaders:
-    """Training and validation loaders of one process, with the training set's per-epoch seed."""
-
-    def __init__(self, data: DataBundle, config: TrainConfig, env: DistEnv) -> None:
-        if config.batch_size % env.world_size:
-            raise ValueError(f"batch_size {config.batch_size} is not divisible by the "
-                             f"{env.world_size} processes")
-        self.batch = batch = config.batch_size // env.world_size
-        self.train_set = (Augmented(data.train, max(1, data.image_size // 8), config.seed)
-                          if config.augment else data.train)
-        self.sampler = DistributedSampler(self.train_set, env.world_size, env.rank,
-                                          shuffle=True, seed=config.seed)
-        self.skipping = _SkipFirst(self.sampler)
-        self.workers = config.workers if config.workers is not None else default_workers(
-            data.name)
-        options = dict(num_workers=self.workers, pin_memory=env.device.type == "cuda",
-                       worker_init_fn=ignore_sigint if self.workers else None)
-        self.train = DataLoader(self.train_set, batch_size=batch, sampler=self.skipping,
-                                drop_last=len(self.sampler) >= batch, **options)
-        self.steps = len(self.train)  # per full epoch
-        self.val = DataLoader(data.val, batch_size=batch,
-                              sampler=ShardSampler(len(data.val), env.rank, env.world_size),
-                              **options)
-
-    def set_epoch(self, epoch: int, skip_steps: int = 0) -> None:
-        """Use epoch ``epoch``'s order and augmentation, leaving out its first ``skip_steps``."""
-        self.sampler.set_epoch(epoch)
-        self.skipping.skip = skip_steps * self.batch
-        if isinstance(self.train_set, Augmented):
-            self.train_set.set_epoch(epoch)
-
-
-def _fmt_time(seconds: float) -> str:
-    seconds = int(round(seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
-
-
 class _Trainer:
     """The state of one run in one process (see :func:`train`)."""
 
@@ -225,10 +170,9 @@ class _Trainer:
         if env.distributed and env.is_main:
             torch.distributed.barrier()
         if self.data.dropped:
-            bad = [tuple(d.rsplit(": ", 1)) for d in self.data.dropped]
-            self.log(f"skipped {len(bad)} unreadable image(s) (--skip-bad-images): "
-                     f"{describe_bad_images(bad)}")
-        self.loaders = _Loaders(self.data, config, env)
+            self.log(f"skipped {len(self.data.dropped)} unreadable image(s) "
+                     f"(--skip-bad-images): {describe_bad_images(list(self.data.dropped))}")
+        self.loaders = Loaders(self.data, config, env)
         model = build_model(config, self.data.num_classes)
         apply_run_cfg(model, self.data.classes, self.data.preprocessing)
         self.params = count_parameters(model)
@@ -425,16 +369,12 @@ class _Trainer:
 
     def _progress(self, bar: Any, step: int, totals: Totals, seen: int, start: float,
                   epoch: int, eta: Callable[[int, float, float], str]) -> None:
-        if step % 10 == 0 or step == self.loaders.steps - 1:
-            rate = seen / max(time.perf_counter() - start, 1e-9)
-            loss_sum, correct, count = totals.values()
-            left = (self.loaders.steps - step - 1) * self.config.batch_size / rate
-            bar.set_postfix({
-                "loss": f"{loss_sum / max(count, 1):.3f}",
-                "acc": f"{100 * correct / max(count, 1):.1f}%", "img/s": f"{rate:.0f}",
-                "ETA": eta(epoch, left, time.perf_counter() - start + left),
-            })
         bar.update(1)
+        if step % 10 == 0 or step == self.loaders.steps - 1:
+            spent = time.perf_counter() - start
+            left = (self.loaders.steps - step - 1) * self.config.batch_size * spent / seen
+            bar.set_postfix({**totals.running(), "img/s": f"{seen / max(spent, 1e-9):.0f}",
+                             "ETA": eta(epoch, left, spent + left)})
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -482,7 +422,7 @@ class _Trainer:
         def eta(epoch: int, left: float, epoch_estimate: float) -> str:
             """Time left in the run: ``left`` of epoch ``epoch``, then the later epochs."""
             per_epoch = sum(epoch_times) / len(epoch_times) if epoch_times else epoch_estimate
-            return _fmt_time(left + (config.epochs - epoch - 1) * per_epoch)
+            return fmt_time(left + (config.epochs - epoch - 1) * per_epoch)
 
         try:
             with StopRequest() as stop:
@@ -511,7 +451,7 @@ class _Trainer:
                             save_checkpoint({"epoch": epoch + 1, "val_acc": best,
                                              "model": self.model.state_dict(),
                                              "config": config.to_dict()}, self.out / BEST)
-                        self._log_epoch(row, eta)
+                        self.log(epoch_line(row, config.epochs, eta(epoch, 0.0, 0.0)))
                     for callback in on_epoch_end:
                         callback(epoch, row)
                     if stop.signum is not None and epoch + 1 < config.epochs:
@@ -525,16 +465,6 @@ class _Trainer:
                 metrics.close()
         return TrainResult(self.model, self.history, self.params, self.out,
                            self.data.num_classes, self.data.image_size, self.env.rank)
-
-    def _log_epoch(self, row: dict[str, Any], eta: Callable[[int, float, float], str]) -> None:
-        epoch, epochs = row["epoch"], self.config.epochs
-        temp = "" if row["temperature"] == "" else f" | T {row['temperature']:.2f}"
-        skipped = (f" | skipped {row['skipped_batches']} non-finite batches"
-                   if row["skipped_batches"] else "")
-        self.log(f"epoch {epoch}/{epochs} | train loss {row['train_loss']:.3f} acc "
-                 f"{row['train_acc']:.1f}% | val loss {row['val_loss']:.3f} acc "
-                 f"{row['val_acc']:.1f}% | {row['train_images_per_s']:.0f} img/s | lr "
-                 f"{row['lr']:.4g}{temp}{skipped} | ETA {eta(epoch - 1, 0.0, 0.0)}")
 
 
 def train(config: TrainConfig,

@@ -33,6 +33,12 @@ class Totals:
         count = torch.full((), labels.shape[0], device=labels.device)
         self.sums += torch.stack([loss_sum.detach(), correct, count]).double()
 
+    def running(self) -> dict[str, str]:
+        """This process's mean loss and accuracy so far, formatted for a progress bar."""
+        loss_sum, correct, count = self.values()
+        return {"loss": f"{loss_sum / max(count, 1):.3f}",
+                "acc": f"{100 * correct / max(count, 1):.1f}%"}
+
     def values(self) -> list[float]:
         """``[loss sum, correct, count]`` of this process (what a checkpoint stores mid-epoch)."""
         return self.sums.tolist()
@@ -92,6 +98,25 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
     with open(path, newline="") as f:
         return [{k: parse(k, v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def fmt_time(seconds: float) -> str:
+    """``"1h02m03s"`` / ``"2m03s"``."""
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def epoch_line(row: dict[str, Any], epochs: int, eta: str) -> str:
+    """The log line of one epoch's ``row``."""
+    temp = "" if row["temperature"] == "" else f" | T {row['temperature']:.2f}"
+    skipped = (f" | skipped {row['skipped_batches']} non-finite batches"
+               if row["skipped_batches"] else "")
+    return (f"epoch {row['epoch']}/{epochs} | train loss {row['train_loss']:.3f} acc "
+            f"{row['train_acc']:.1f}% | val loss {row['val_loss']:.3f} acc "
+            f"{row['val_acc']:.1f}% | {row['train_images_per_s']:.0f} img/s | lr "
+            f"{row['lr']:.4g}{temp}{skipped} | ETA {eta}")
 
 
 def check_tensorboard() -> None:
