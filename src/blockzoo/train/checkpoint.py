@@ -165,7 +165,8 @@ def safe_torch_load(path: str | Path, map_location: str | torch.device = "cpu") 
             ) from None
         raise CheckpointError(f"{path} is corrupt: {_first_line(err)}") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, KeyError, ValueError, OSError) as err:
-        reason = "empty file" if path.stat().st_size == 0 else _first_line(err) or "unreadable"
+        reason = ("empty file" if path.stat().st_size == 0 else
+                  f"not a complete torch.save archive: {_first_line(err) or type(err).__name__}")
         raise CheckpointError(f"{path} is corrupt or truncated ({reason})") from None
 
 

@@ -225,7 +225,7 @@ class _Trainer:
                 self.rotate = False  # the next save replaces the bad file, keeps this one
             return checkpoint
         if errors:
-            raise CheckpointError("; ".join(errors) + ": no good checkpoint to resume from")
+            raise CheckpointError("; ".join(errors) + " (no good checkpoint to resume from)")
         raise FileNotFoundError(f"no checkpoint at {self.out / CHECKPOINT}")
 
     def _restore(self, checkpoint: dict[str, Any]) -> None:
