@@ -690,11 +690,15 @@ def test_signal_writes_a_resumable_checkpoint_and_prints_the_resume_command(
     resumed = subprocess.run([sys.executable, "-m", *command], capture_output=True, text=True,
                              timeout=300, env=_env())
     assert resumed.returncode == 0, resumed.stderr
-    reference = _start_training(tmp_path / "ref", 3)
-    reference.communicate(timeout=300)
-    assert reference.returncode == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the subprocesses (OMP_NUM_THREADS=1): the same float sums
+    try:
+        reference = train(small_config(tmp_path / "ref", epochs=3, train_size=160, val_size=16,
+                                       seed=1, warmup_epochs=1.0, model_kwargs=dict(SMALL)))
+    finally:
+        torch.set_num_threads(threads)
     a, _ = checkpoint.read_safetensors(out / engine.WEIGHTS)
-    b, _ = checkpoint.read_safetensors(tmp_path / "ref" / engine.WEIGHTS)
+    b = reference.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [r["epoch"] for r in read_metrics(out / engine.METRICS)] == [1, 2, 3]
 
@@ -954,6 +958,10 @@ def test_predict_with_pretrained_weights_uses_imagenet_names(tmp_path: Path) -> 
     with Image.open(tmp_path / "cat.jpg") as pil, torch.no_grad():
         x = transform(pil)[None]
         assert torch.equal(loaded(x), model(x))
+    ten = create_model("mobilenetv2", num_classes=10)
+    torch.save(ten.state_dict(), tmp_path / "ten.pth")
+    loaded, _ = bz.load_trained("mobilenetv2", pretrained=tmp_path / "ten.pth")
+    assert loaded.default_cfg["classes"] == [str(i) for i in range(10)]
     code, _, err = _run_cli(["predict", "mobilenetv2", str(tmp_path / "cat.jpg")])
     assert code == 2 and "--pretrained" in _error_line(err)
     code, _, err = _run_cli(["predict", "resnet_cifar", "--pretrained",
@@ -982,3 +990,32 @@ def test_trainer_follows_the_models_temperature_schedule() -> None:
     override = temperature_schedule(model, TrainConfig(epochs=20, temperature_start=4.0))
     assert (override.start, override.end) == (4.0, 2.0)
     assert temperature_schedule(create_model("resnet_cifar", **SMALL), TrainConfig()) is None
+
+
+def test_a_run_stopped_mid_epoch_resumes_bit_for_bit(tmp_path: Path) -> None:
+    cfg = dict(conv="dynamic_conv", model_kwargs=dict(SMALL, drop_rate=0.3), epochs=2)
+    full = train(small_config(tmp_path / "full", **cfg))
+    calls = {"n": 0}
+    real_inputs = engine._Trainer._inputs
+
+    def signal_in_epoch_2(self, images, labels):
+        calls["n"] += 1
+        if calls["n"] == 7:  # 4 training + 2 validation batches per epoch: epoch 2, step 1
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_inputs(self, images, labels)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(engine._Trainer, "_inputs", signal_in_epoch_2)
+        with pytest.raises(engine.TrainingInterrupted, match="after step 1 of epoch 2") as info:
+            train(small_config(tmp_path / "cut", **cfg))
+    assert info.value.exit_code == 130
+    saved = checkpoint.load_checkpoint(tmp_path / "cut" / engine.CHECKPOINT)
+    assert (saved["epoch"], saved["step"]) == (1, 1) and saved["partial"]["totals"][2] == 16
+    resumed = train(small_config(tmp_path / "cut", resume=True, **cfg))
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    timing = ("train_images_per_s", "epoch_time_s")
+    strip = [{k: v for k, v in r.items() if k not in timing}
+             for r in read_metrics(tmp_path / "full" / engine.METRICS)]
+    assert [{k: v for k, v in r.items() if k not in timing}
+            for r in read_metrics(tmp_path / "cut" / engine.METRICS)] == strip

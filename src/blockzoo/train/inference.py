@@ -129,10 +129,13 @@ def _from_pretrained(name: str, weights: str | Path | None) -> tuple[nn.Module, 
     if weights is None:
         raise ValueError(f"{name} is a model name: give its weights with --pretrained FILE")
     state = read_state_dict(weights)
-    fc = [v for k, v in state.items() if k.endswith(("fc.weight", "classifier.weight",
-                                                      "head.weight"))]
-    num_classes = fc[-1].shape[0] if fc else 1000
-    model = create_model(name, num_classes=num_classes)
+    model = create_model(name)
+    # The classifier (the last nn.Linear) of the weights tells the number of classes.
+    heads = [f"{k}.weight" for k, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if heads and heads[-1] in state and state[heads[-1]].shape[0] != model.default_cfg[
+            "num_classes"]:
+        model = create_model(name, num_classes=state[heads[-1]].shape[0])
+    num_classes = model.default_cfg["num_classes"]
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shapes that differ

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 
+import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from ..core.interrupt import ignore_sigint
@@ -43,8 +44,12 @@ class Loaders:
         self.skipping = _SkipFirst(self.sampler)
         self.workers = config.workers if config.workers is not None else default_workers(
             data.name)
+        # Their own generator: starting an iteration draws a worker seed from it, never from
+        # the global RNG, so resuming in the middle of an epoch leaves the dropout draws as
+        # they were (the augmentation has its own seeds).
         options = dict(num_workers=self.workers, pin_memory=env.device.type == "cuda",
-                       worker_init_fn=ignore_sigint if self.workers else None)
+                       worker_init_fn=ignore_sigint if self.workers else None,
+                       generator=torch.Generator().manual_seed(config.seed))
         self.train = DataLoader(self.train_set, batch_size=batch, sampler=self.skipping,
                                 drop_last=len(self.sampler) >= batch, **options)
         self.steps = len(self.train)  # per full epoch
