@@ -192,6 +192,23 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
+def load_newest_good(paths: list[Path]) -> tuple[dict[str, Any], Path, list[str]]:
+    """The first of ``paths`` (newest first) that loads and matches its checksum: ``(state,
+    its path, the errors of the newer ones)``; :class:`CheckpointError` listing every error when
+    none does, ``FileNotFoundError`` naming ``paths[0]`` when none exists."""
+    errors = []
+    for path in paths:
+        if not path.is_file():
+            continue
+        try:
+            return load_checkpoint(path), path, errors
+        except CheckpointError as err:
+            errors.append(str(err))
+    if errors:
+        raise CheckpointError("; ".join(errors) + " (no good checkpoint to resume from)")
+    raise FileNotFoundError(f"no checkpoint at {paths[0]}")
+
+
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     """Delete the ``.<name>.<pid>.tmp`` files interrupted writes left in ``folder``.
 

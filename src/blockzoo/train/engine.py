@@ -45,10 +45,9 @@ from .build import (
     temperature_schedule,
 )
 from .checkpoint import (
-    CheckpointError,
     export_safetensors,
     finite_state,
-    load_checkpoint,
+    load_newest_good,
     remove_stale_temporaries,
     rng_state,
     save_checkpoint,
@@ -210,23 +209,12 @@ class _Trainer:
 
     def _load_resumable(self) -> dict[str, Any]:
         """The newest good checkpoint of ``out``: ``last.pt``, else ``previous.pt``."""
-        errors = []
-        for path in (self.out / CHECKPOINT, self.out / PREVIOUS):
-            if not path.is_file():
-                continue
-            try:
-                checkpoint = load_checkpoint(path)
-            except CheckpointError as err:
-                errors.append(str(err))
-                continue
-            if errors:
-                self.log(f"warning: {errors[0]}; resuming from {path} (epoch "
-                         f"{checkpoint['epoch']}) instead")
-                self.rotate = False  # the next save replaces the bad file, keeps this one
-            return checkpoint
+        checkpoint, path, errors = load_newest_good([self.out / CHECKPOINT, self.out / PREVIOUS])
         if errors:
-            raise CheckpointError("; ".join(errors) + " (no good checkpoint to resume from)")
-        raise FileNotFoundError(f"no checkpoint at {self.out / CHECKPOINT}")
+            self.log(f"warning: {errors[0]}; resuming from {path} (epoch "
+                     f"{checkpoint['epoch']}) instead")
+            self.rotate = False  # the next save replaces the bad file and keeps this one
+        return checkpoint
 
     def _restore(self, checkpoint: dict[str, Any]) -> None:
         """Put every saved state back: weights, optimiser, schedules, position, RNGs."""
