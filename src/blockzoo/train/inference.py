@@ -67,6 +67,8 @@ def load_trained(run: str | Path, *, checkpoint: str = "last", pretrained: str |
     the network's ``default_cfg`` gives the preprocessing (resize to ``side / 0.875``,
     centre crop) and a 1000-class network the ImageNet class names.
     """
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but CUDA is not available")
     path = Path(run)
     if path.is_dir():
         if pretrained is not None:
@@ -125,7 +127,7 @@ def _from_pretrained(name: str, weights: str | Path | None) -> tuple[nn.Module, 
 
     if name not in list_models() and weights is None:
         raise FileNotFoundError(f"{name} is neither a run directory nor a model name "
-                                f"(blockzoo list-models)")
+                                f"(blockzoo.list_models())")
     if weights is None:
         raise ValueError(f"{name} is a model name: give its weights with --pretrained FILE")
     state = read_state_dict(weights)
