@@ -966,7 +966,17 @@ def test_predict_with_pretrained_weights_uses_imagenet_names(tmp_path: Path) -> 
     assert code == 2 and "--pretrained" in _error_line(err)
     code, _, err = _run_cli(["predict", "resnet_cifar", "--pretrained",
                              str(tmp_path / "w.pth"), str(tmp_path / "cat.jpg")])
-    assert code == 2 and "does not fit resnet_cifar" in _error_line(err)
+    assert code == 2 and "resnet_cifar" in _error_line(err)  # the weights do not fit it
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo owned",))
+
+    torch.save({"fc.weight": Evil()}, tmp_path / "evil.pth")
+    code, _, err = _run_cli(["predict", "mobilenetv2", "--pretrained",
+                             str(tmp_path / "evil.pth"), str(tmp_path / "cat.jpg")])
+    line = _error_line(err)
+    assert code == 2 and "refused to load" in line and "weights_only" not in err
 
 
 # --------------------------------------------------------------------------- DY-Conv schedule

@@ -125,34 +125,23 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 def _from_pretrained(name: str, weights: str | Path | None) -> tuple[nn.Module, Preprocessing]:
     from ..models import create_model, list_models
 
-    if name not in list_models() and weights is None:
+    if name not in list_models():
         raise FileNotFoundError(f"{name} is neither a run directory nor a model name "
                                 f"(blockzoo.list_models())")
     if weights is None:
         raise ValueError(f"{name} is a model name: give its weights with --pretrained FILE")
+    # Read here first: blockzoo's own messages for refused or corrupt files, and the class count.
     state = read_state_dict(weights)
-    model = create_model(name)
-    # The classifier (the last nn.Linear) of the weights tells the number of classes.
-    heads = [f"{k}.weight" for k, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if heads and heads[-1] in state and state[heads[-1]].shape[0] != model.default_cfg[
-            "num_classes"]:
-        model = create_model(name, num_classes=state[heads[-1]].shape[0])
-    num_classes = model.default_cfg["num_classes"]
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as err:  # shapes that differ
-        detail = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line),
-                      "tensor shapes differ")
-        raise ValueError(f"{weights} does not fit {name}: {detail}") from None
-    if missing or unexpected:
-        raise ValueError(f"{weights} does not fit {name}: {len(missing)} missing tensors "
-                         f"(e.g. {', '.join(missing[:2]) or '-'}), {len(unexpected)} unexpected "
-                         f"(e.g. {', '.join(unexpected[:2]) or '-'})")
+    probe = create_model(name)
+    heads = [f"{k}.weight" for k, m in probe.named_modules() if isinstance(m, nn.Linear)]
+    num_classes = (state[heads[-1]].shape[0] if heads and heads[-1] in state
+                   else probe.default_cfg["num_classes"])
+    model = create_model(name, pretrained=str(weights), num_classes=num_classes)
     cfg = model.default_cfg
     side = cfg["input_size"][-1]
-    crop_pct = cfg.get("crop_pct", IMAGENET_CROP_PCT)
+    crop_pct = cfg.get("crop_pct") or IMAGENET_CROP_PCT
     transform = Preprocessing(int(round(side / crop_pct)), side, tuple(cfg["mean"]),
-                              tuple(cfg["std"]), cfg.get("interpolation", "bilinear"))
+                              tuple(cfg["std"]), cfg.get("interpolation") or "bilinear")
     classes = (imagenet_classes() if num_classes == 1000
                else [str(i) for i in range(num_classes)])
     apply_run_cfg(model, classes, transform)

@@ -111,3 +111,5 @@ def apply_run_cfg(model: Any, classes: list[str] | tuple[str, ...],
                num_classes=len(classes), classes=list(classes),
                preprocessing=preprocessing.to_dict())
     model.default_cfg = cfg
+    if hasattr(model, "pretrained_cfg"):  # timm's name for the same dict
+        model.pretrained_cfg = cfg
