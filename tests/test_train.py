@@ -879,8 +879,11 @@ def test_run_directory_describes_itself(trained_run: Path) -> None:
 
 def test_load_trained_gives_eval_model_and_the_training_preprocessing(trained_run: Path
                                                                       ) -> None:
-    model, transform = bz.load_trained(trained_run)
+    trained = bz.load_trained(trained_run)
+    model, transform = trained
     assert not model.training
+    assert trained.default_cfg is model.default_cfg  # attributes and calls reach the model
+    assert torch.equal(trained(torch.zeros(1, 3, 16, 16)), model(torch.zeros(1, 3, 16, 16)))
     cfg = model.default_cfg
     assert cfg["mean"] == data.IMAGENET_STATS[0] and cfg["std"] == data.IMAGENET_STATS[1]
     assert cfg["classes"] == ["blue", "green", "red"] and cfg["input_size"] == (3, 16, 16)

@@ -39,11 +39,19 @@ IMAGENET_CROP_PCT = 0.875
 class TrainedModel(NamedTuple):
     """A model in eval mode and the transform (PIL image -> input tensor) it expects.
 
-    ``model.default_cfg["classes"]`` holds the class names in output order.
+    Unpacks as ``model, transform = load_trained(run)``; other attributes and calls go to the
+    model (``load_trained(run).default_cfg``). ``model.default_cfg["classes"]`` holds the class
+    names in output order.
     """
 
     model: nn.Module
     transform: Preprocessing
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
 
 
 def imagenet_classes() -> list[str]:
