@@ -23,6 +23,7 @@ uninterrupted run.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -342,7 +343,8 @@ class _Trainer:
                     path = self.out / CHECKPOINT
                     if self.env.is_main:
                         path = self._save(self.checkpoint_state(epoch, step + 1, state))
-                    raise TrainingInterrupted(stop.signum or 2, path, epoch + 1, step + 1)
+                    raise TrainingInterrupted(stop.signum or signal.SIGINT, path, epoch + 1,
+                                              step + 1)
         finally:
             if bar is not None:
                 bar.close()
