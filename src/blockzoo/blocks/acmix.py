@@ -210,6 +210,12 @@ class ACmix(Block):
     than the window: see :func:`reflect_indices`.
     """
 
+    conv_preservation = (
+        "its convolution path is a 1x1 projection of q, k, v followed by grouped shift kernels, "
+        "which spans only a subset of dense k x k convolutions, and its attention path is "
+        "non-linear"
+    )
+
     allowed_strides = (1, 2)
 
     def __init__(

@@ -217,6 +217,11 @@ class Involution(Block):
     ``in_channels``. Applied with :func:`involution2d` (offset accumulation, no unfold).
     """
 
+    conv_preservation = (
+        "its kernel is shared by all channels of a group and mixes no channels, so it cannot "
+        "express a dense convolution's cross-channel weights"
+    )
+
     allowed_strides = (1, 2)
     width = "same"
     width_reason = "preserves the channels"

@@ -291,8 +291,9 @@ class ResidualBottleneck(ResidualBlock):
 
     ``D = floor(out / expansion * base_width / 64) * cardinality`` (torchvision's ``width``):
     ``residual`` (``expansion=4, cardinality=1, base_width=64``) gives ``D = out / 4``, as
-    in ResNet-50; ``resnext`` presets ``cardinality=32, base_width=4`` (ResNeXt 32x4d, ``D = 128`` for
-    ``out = 256``), the paper's form (c): one grouped conv equal to 32 summed paths.
+    in ResNet-50; ``resnext`` presets ``cardinality=32, base_width=4`` (ResNeXt 32x4d,
+    ``D = 128`` for ``out = 256``), the paper's form (c): one grouped conv equal to 32 summed
+    paths.
 
     ``attention`` names an attention-kind block (``"se"``, ``"gc"``, ``"coord_att"``, ...)
     built on ``out`` channels with ``attention_kwargs`` and applied after the last BN, before

@@ -69,6 +69,11 @@ class SKConv(Block):
     return_attention=True)`` also returns the attention ``a`` of shape ``(N, M, out)``.
     """
 
+    conv_preservation = (
+        "its branches end in BatchNorm + ReLU and are mixed by a softmax, a non-linear function "
+        "of the input that no initialisation makes equal to a linear convolution"
+    )
+
     allowed_strides = (1, 2)
 
     def __init__(
