@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -137,7 +138,7 @@ def _profile_models(args: argparse.Namespace, names: list[str]) -> int:
 
 def _cmd_profile(args: argparse.Namespace) -> int:
     from .tools.networks import SOURCES, is_model_name, model_names
-    from .tools.profile import profile
+    from .tools.profile import machine_info, machine_line, profile
 
     _check_outputs(args)
     if is_model_name(args.name) or args.insert or args.replace:
@@ -158,13 +159,22 @@ def _cmd_profile(args: argparse.Namespace) -> int:
                      device=args.device, dtype=DTYPES[args.dtype], backward=args.backward,
                      warmup=args.warmup, repeat=args.min_rounds, threads=args.threads,
                      **kwargs)
-    row = result.as_row()
+    machine = machine_info(args.device, args.threads)
+
+    def render(fmt: str) -> str:
+        row = result.as_row()
+        if fmt == "json":
+            return json.dumps({"machine": machine, "result": row}, indent=2, default=str)
+        if fmt in ("markdown", "csv"):
+            return format_rows([row], fmt).rstrip("\n")
+        width = max(map(len, row))
+        return "\n".join([machine_line(machine)]
+                         + [f"{key.ljust(width)}  {value}" for key, value in row.items()])
+
     if args.save:
-        fmt = SAVE_FORMATS.get(Path(args.save).suffix.lower(), args.format)
-        Path(args.save).write_text(format_rows([row], fmt) + "\n")
-    width = max(map(len, row))
-    for key, value in row.items():
-        print(f"{key.ljust(width)}  {value}")
+        Path(args.save).write_text(
+            render(SAVE_FORMATS.get(Path(args.save).suffix.lower(), args.format)) + "\n")
+    print(render(args.format))
     return 0
 
 
