@@ -328,3 +328,14 @@ def test_cli_unknown_names_suggest_blocks_and_networks(capsys) -> None:
     assert "resnet18" in err and len(err.strip().splitlines()) == 1
     code, _, err = _run(capsys, "profile", "se", "--plot", "x.png")
     assert code == 2 and "--plot" in err
+
+
+def test_model_table_shows_progress_on_stderr(capsys) -> None:
+    from blockzoo.models.table import model_rows
+
+    rows = model_rows(["resnet_cifar"])
+    err = capsys.readouterr().err
+    assert [r["model"] for r in rows] == ["resnet_cifar"]
+    assert "models" in err and "1/1" in err and "resnet_cifar" in err
+    model_rows(["resnet_cifar"], progress=False)
+    assert capsys.readouterr().err == ""
