@@ -220,6 +220,12 @@ def test_cli_compare_models(capsys) -> None:
     rows = json.loads(out)["rows"]
     assert [r["model"] for r in rows] == ["resnet18", "resnet_cifar"]
     assert rows[1]["params_x"] == pytest.approx(rows[1]["params"] / rows[0]["params"], abs=1e-3)
+    code, out, err = _run(capsys, "compare", "resnet_cifar", "resnet18", "--size", "32",
+                          "--format", "json", *FAST)
+    assert code == 0, err
+    assert [r["model"] for r in json.loads(out)["rows"]] == ["resnet_cifar", "resnet18"]
+    code, out, err = _run(capsys, "compare", "se", "resnet18")
+    assert code == 2 and out == "" and "--models" in err
 
 
 def test_cli_save_is_checked_before_profiling(tmp_path, capsys) -> None:

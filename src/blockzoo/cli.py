@@ -193,11 +193,18 @@ def _progress(total: int, unit: str = "block"):
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
+    from .tools.networks import is_model_name
     from .tools.profile import compare, machine_info
 
     _check_outputs(args)
     if args.models:
         return _profile_models(args, list(args.models) + list(args.names))
+    networks = [n for n in args.names if is_model_name(n)]
+    if networks and not args.kind and len(networks) == len(args.names):
+        return _profile_models(args, list(args.names))
+    if networks:
+        raise ValueError(f"{', '.join(networks)}: networks and blocks cannot share one table; "
+                         "compare networks with --models (ratios against the first)")
     names = list(args.names)
     for kind in args.kind or []:
         names += [n for n in list_blocks(kind) if n not in names]
@@ -311,8 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Profile blocks side by side. Ratios (*_x) are against a "
                        "3x3 conv + BN + ReLU with the same channels and stride; latency_x is "
                        "the median of paired rounds (baseline and block alternate). With "
-                       "--models, whole networks against the first one.")
-    p.add_argument("names", nargs="*", help="block names")
+                       "--models (or network names alone), whole networks against the first "
+                       "one.")
+    p.add_argument("names", nargs="*", help="block names (or network names)")
     p.add_argument("--kind", action="append", choices=KINDS,
                    help="add every block of this kind (repeatable)")
     p.add_argument("--models", nargs="+", metavar="MODEL",
