@@ -279,8 +279,10 @@ class DynamicConv2d(ExpertConv2d):
     ``attention2d``) differs: ``FC1`` has no bias and width ``int(C_in * 0.25) + 1`` (``K`` for
     a 3-channel input). ``attention_bias=False, attention_width="reference"`` reproduce it
     (with ``reduction = 4``: ``int(C_in / reduction) + 1``), so its checkpoints' attention
-    tensors have the shapes they need; the defaults stay the paper's. The kernel ``W(x) = sum_k pi_k W_k`` and
-    bias ``b(x) = sum_k pi_k b_k`` convolve each sample (see the module docstring for how).
+    tensors have the shapes they need; the defaults stay the paper's.
+
+    The kernel ``W(x) = sum_k pi_k W_k`` and bias ``b(x) = sum_k pi_k b_k`` convolve each sample
+    (see the module docstring for how).
 
     The temperature ``T`` is the plain attribute ``temperature`` (default 30, the paper's start
     value for training); anneal it with :class:`TemperatureSchedule` or set it with

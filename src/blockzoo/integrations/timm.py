@@ -163,8 +163,8 @@ def register_models(
     ``blockzoo.create_model(name, pretrained=...)`` (the tag's released checkpoint, or a local
     file given as ``pretrained_cfg_overlay=dict(file="path")``); for a model without released
     weights timm's convention holds (a warning, random initialisation). The model's
-    ``pretrained_cfg`` is timm's cfg with blockzoo's ``default_cfg`` over it. Other factories have no weights:
-    ``pretrained=True`` raises.
+    ``pretrained_cfg`` is timm's cfg with blockzoo's ``default_cfg`` over it. Other factories
+    have no weights: ``pretrained=True`` raises.
     """
     factories = _blockzoo_models() if factories is None else factories
     if any(c in prefix for c in "/:."):
