@@ -312,7 +312,8 @@ def _mobilenetv2_rename(
     ``features.<b>.conv.<j>.<rest>`` -> ``<block b>.<units[first][j]><rest>``, where block
     ``b`` (1-based) is the ``b``-th inverted residual of blockzoo's stages and ``units[0]``
     (expanding blocks) / ``units[1]`` (the first, ``t = 1`` block) name the ``j``-th entry."""
-    blocks = [f"stages.{s}.{i}" for s, stage in enumerate(model.stages) for i in range(len(stage))]
+    blocks = [f"stages.{s}.{i}" for s, depth in enumerate(model.stage_depths)
+              for i in range(depth)]
     pattern = re.compile(r"^features\.(\d+)\.conv\.(\d+)\.(.*)$")
     head = str(len(blocks) + 1)
     outer_rules = [(re.compile(p.replace("{head}", head)), r) for p, r in outer]
