@@ -15,10 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..blocks.base import check_input
+from ..blocks.base import check_input, named_open_modules
 from ..core.validation import require
 from ..layers import ConvNormAct
-from ..registry import block_info, list_blocks
 
 #: Global pooling types of the head (timm's names): average, max, their mean, or none (``""``:
 #: ``forward`` then returns the unpooled map, or with ``num_classes > 0`` the classifier applied
@@ -256,21 +255,14 @@ def init_conv_norm_act(model: nn.Module) -> None:
     act) of the network, as torchvision's ResNet and MobileNetV2 initialise their convs; norms
     keep weight 1 and bias 0 (or what ``zero_init_last`` set).
 
-    Convolutions inside conv-kind and attention-kind blocks keep their block's own
-    initialisation (SK's fuse layers drawn from N(0, 0.01), involution's kernel generator,
-    ACmix's shift kernels, dynamic-conv experts, GC's zero-initialised transform, deformable
-    offsets), and so does the classifier.
+    Convolutions inside atomic blocks (conv, downsample and attention kinds; see
+    :func:`~blockzoo.blocks.base.named_open_modules`) keep their block's own initialisation (SK's
+    fuse layers drawn from N(0, 0.01), involution's kernel generator, ACmix's shift kernels,
+    dynamic-conv experts, GC's zero-initialised transform, deformable offsets, SPD-Conv's conv),
+    and so does the classifier.
     """
-    owners = tuple(
-        block_info(name).cls for kind in ("conv", "attention") for name in list_blocks(kind)
-    )
-    sealed: list[str] = []
-    for name, module in model.named_modules():
-        if any(name.startswith(prefix) for prefix in sealed):
-            continue
-        if isinstance(module, owners):
-            sealed.append(name + ".")
-        elif isinstance(module, ConvNormAct) and isinstance(module.conv, nn.Conv2d):
+    for _, module in named_open_modules(model):
+        if isinstance(module, ConvNormAct) and isinstance(module.conv, nn.Conv2d):
             nn.init.kaiming_normal_(module.conv.weight, mode="fan_out", nonlinearity="relu")
             if module.conv.bias is not None:
                 nn.init.zeros_(module.conv.bias)
