@@ -441,10 +441,11 @@ for _name, _layers, _params, _gmacs, _top1, _drive in (
                     training=_SK_TRAINING, notes=_SK_NOTES, weights=(ReleasedWeights(
                         tag="caffe_in1k", page="https://github.com/implus/SKNet#trained-models",
                         url=None, sha256=None, top1=_top1,
-                        license="none stated (the repository has no license file)",
-                        layout="caffe", notes="A Caffe .caffemodel on Google Drive "
+                        license="none stated", layout="caffe",
+                        notes="A Caffe .caffemodel on Google Drive "
                         f"(https://drive.google.com/file/d/{_drive}/view). blockzoo cannot read "
-                        "it: see docs/models.md (Released weights) for what reading it needs.",
+                        "it: see docs/models.md (Released weights) for what reading it needs. "
+                        "The repository states no license.",
                     ),)),
         block="sk_unit", layers=_layers, stem_pool="caffe",
     )
