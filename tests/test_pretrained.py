@@ -349,7 +349,7 @@ def test_pretrained_true_without_url_or_offline_names_the_page(hub: dict) -> Non
 
 
 def test_every_released_checkpoint_is_described() -> None:
-    for name in list_models(pretrained=True):
+    for name in list_models():
         for w in create_model(name, device="meta").default_cfg["weights"]:
             assert w.page.startswith("https://") and w.license and w.tag
             assert w.url is None or w.url.startswith("https://")

@@ -53,7 +53,7 @@ def weights_rows(names: list[str] | None = None) -> list[dict[str, Any]]:
     """One row per released checkpoint: source, page, direct URL, reported top-1, license,
     SHA-256 (or its published prefix), key layout and whether blockzoo reads it."""
     rows = []
-    for name in names or list_models(pretrained=True):
+    for name in names or list_models():
         for w in model_info(name).default_cfg["weights"]:
             rows.append({
                 "model": name,
