@@ -538,7 +538,7 @@ def test_model_table_rows_and_doc_update(tmp_path) -> None:
     doc = tmp_path / "models.md"
     doc.write_text(f"intro\n{START}\nold\n{END}\n{WEIGHTS_START}\nold\n{WEIGHTS_END}\nend\n")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("blockzoo.models.table.model_rows", lambda **kw: [row])
+        mp.setattr("blockzoo.models.table.model_rows", lambda **_: [row])
         assert update_doc(doc)
     text = doc.read_text()
     assert "| mobilenetv2 | 3,504,872 |" in text and "old" not in text
