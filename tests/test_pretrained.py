@@ -318,11 +318,13 @@ def test_pretrained_true_downloads_verifies_and_caches(hub: dict, tmp_path: Path
     reference = _randomised(torchvision.models.resnet50())
     data = _file_bytes(reference.state_dict(), tmp_path)
     hub[weights.url] = data
-    with pytest.raises(PretrainedError, match="SHA-256 .* expected 0676ba61"):
+    with pytest.raises(PretrainedError, match="SHA-256 .* expected 0676ba61.*not kept"):
         create_model("resnet50", pretrained=True)  # random bytes are not torchvision's file
-    cached = tmp_path / "hub" / "checkpoints" / "resnet50-0676ba61.pth"
-    assert cached.is_file()
-    cached.unlink()
+    cache = tmp_path / "hub" / "checkpoints"
+    assert not list(cache.iterdir())  # a mismatch never enters the cache
+    (cache / "resnet50-0676ba61.pth").write_bytes(data)  # nor passes once there
+    with pytest.raises(PretrainedError, match="cached .* expected 0676ba61.*delete it"):
+        create_model("resnet50", pretrained=True)
     digest = hashlib.sha256(data).hexdigest()
     good = ReleasedWeights(tag="t", page="https://example.org/page", url="https://example.org/w.pth",
                            sha256=digest, top1=None, license="MIT", layout="torchvision_resnet")
