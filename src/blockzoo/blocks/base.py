@@ -11,10 +11,25 @@ import torch
 from torch import nn
 
 from ..core.validation import check_positive_int, require
+from ..layers import LayerSpec, check_layers
+
+
+def parameter_dtype(module: nn.Module) -> torch.dtype | None:
+    """The dtype of ``module``'s first floating-point parameter (``None`` if it has none)."""
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return None
 
 
 def check_input(block: nn.Module, x: object, channels: int) -> None:
-    """Raise a ``ValueError`` naming ``block`` unless ``x`` is ``(N, channels, H, W)`` floating."""
+    """Raise a ``ValueError`` naming ``block`` unless ``x`` is ``(N, channels, H, W)`` floating
+    of the dtype of ``block``'s parameters.
+
+    Under ``torch.autocast`` for ``x``'s device type the operators cast their inputs
+    themselves, so there only a float64 input into a block of another dtype is refused. A block
+    without parameters takes any floating dtype.
+    """
     name = type(block).__name__
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{name} expects a tensor of shape (N, {channels}, H, W), got {type(x)}")
@@ -30,6 +45,16 @@ def check_input(block: nn.Module, x: object, channels: int) -> None:
         )
     if not x.is_floating_point():
         raise ValueError(f"{name} expects a floating-point input, got dtype {x.dtype}")
+    expected = parameter_dtype(block)
+    if expected is None or x.dtype == expected:
+        return
+    # Under autocast the operators cast every floating input but a float64 one.
+    if x.dtype == torch.float64 or not torch.is_autocast_enabled(x.device.type):
+        raise ValueError(
+            f"{name} has {expected} parameters but got an input of dtype {x.dtype}; "
+            f"convert one to the other (x.to({expected}) or block.to({x.dtype}))"
+            + ("" if x.dtype == torch.float64 else " or run under torch.autocast")
+        )
 
 
 class Block(nn.Module):
@@ -61,6 +86,10 @@ class Block(nn.Module):
 
     def check_input(self, x: torch.Tensor) -> None:
         check_input(self, x, self.in_channels)
+
+    def check_layers(self, **specs: LayerSpec) -> None:
+        """Check ``act_layer=...``/``norm_layer=...`` arguments (see :func:`check_layers`)."""
+        check_layers(type(self).__name__, **specs)
 
     def require(self, condition: bool, message: str) -> None:
         """Raise ``ValueError("<BlockName>: <message>")`` unless ``condition`` holds."""

@@ -91,6 +91,7 @@ class _NormalCell(Block):
     ) -> None:
         super().__init__(in_channels, out_channels, stride)
         name = type(self).__name__
+        self.check_layers(act_layer=act_layer, norm_layer=norm_layer)
         self.prev_channels = (
             in_channels if prev_channels is None
             else check_positive_int(name, "prev_channels", prev_channels)

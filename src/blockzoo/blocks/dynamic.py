@@ -31,9 +31,10 @@ its weight):
   the time of "aggregate". The rule lives in :meth:`ExpertConv2d.choose_strategy`;
   ``benchmarks/bench_dynamic_conv.py --strategies`` re-measures it.
 
-While exporting (``torch.export``, and so the ONNX exporter) the ``"mix"`` strategy is always
-used: ONNX ``Conv``'s ``group`` attribute is a constant, so a grouped convolution whose group
-count is the batch size cannot have a dynamic batch.
+While exporting (``torch.export``, and so the ONNX exporter) or tracing (``torch.jit.trace``) the
+``"mix"`` strategy is always used: ONNX ``Conv``'s ``group`` attribute and a traced graph's
+constants cannot follow the batch size, so a grouped convolution whose group count is the batch
+size would not generalise to other batch sizes. An empty batch uses ``"mix"`` too.
 """
 
 from __future__ import annotations
@@ -45,7 +46,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.validation import check_positive_int
+from ..core.validation import (
+    check_bool,
+    check_choice,
+    check_fraction,
+    check_non_negative_int,
+    check_positive_int,
+    check_positive_number,
+)
 from ..layers import LayerSpec, create_act, create_norm, same_padding
 from ..registry import register_block
 from .base import Block
@@ -100,6 +108,8 @@ class ExpertConv2d(Block):
         self.dilation = check_positive_int(name, "dilation", dilation)
         self.groups = check_positive_int(name, "groups", groups)
         self.num_experts = check_positive_int(name, "num_experts", num_experts)
+        check_bool(name, "bias", bias)
+        self.strategy = check_choice(name, "strategy", strategy, STRATEGIES)
         self.require(
             in_channels % groups == 0 and self.out_channels % groups == 0,
             f"groups ({groups}) must divide in_channels ({in_channels}) and out_channels "
@@ -116,9 +126,6 @@ class ExpertConv2d(Block):
             f"padding must be 'same' or a non-negative integer, got {padding!r}",
         )
         self.padding = padding
-        self.require(strategy in STRATEGIES, f"strategy must be one of {STRATEGIES}, got "
-                     f"{strategy!r}")
-        self.strategy = strategy
         self.weight = nn.Parameter(
             torch.empty(num_experts * self.out_channels, in_channels // groups, kernel_size,
                         kernel_size)
@@ -146,8 +153,13 @@ class ExpertConv2d(Block):
         )
 
     def choose_strategy(self, x: torch.Tensor) -> str:
-        """``"aggregate"`` or ``"mix"`` for input ``x`` (see the module docstring for the rule)."""
-        if _exporting():
+        """``"aggregate"`` or ``"mix"`` for input ``x`` (see the module docstring for the rule).
+
+        ``"mix"`` while exporting or tracing (``torch.jit.trace``), where a group count taken
+        from the batch size would be baked into the graph, and for an empty batch (no
+        convolution has zero groups).
+        """
+        if _exporting() or torch.jit.is_tracing() or x.shape[0] == 0:
             return "mix"
         if self.strategy != "auto":
             return self.strategy
@@ -201,7 +213,7 @@ class ExpertConv2d(Block):
             bias = self.bias.reshape(k, g, c_out // g).transpose(0, 1).reshape(-1)
         y = self._conv(x, weight, bias, g)  # (N, g * K * C_out/g, H', W')
         n, _, oh, ow = y.shape
-        y = torch.matmul(routing.reshape(-1, 1, 1, k), y.reshape(n, g, k, -1))
+        y = torch.matmul(routing.reshape(-1, 1, 1, k), y.reshape(n, g, k, c_out // g * oh * ow))
         return y.reshape(n, c_out, oh, ow)
 
     def mixture_conv(self, x: torch.Tensor, routing: torch.Tensor) -> torch.Tensor:
@@ -273,10 +285,9 @@ class DynamicConv2d(ExpertConv2d):
             kernel_size=kernel_size, padding=padding, dilation=dilation, groups=groups,
             bias=bias, strategy=strategy,
         )
-        self.require(reduction > 0, f"reduction must be positive, got {reduction}")
-        self.require(_valid_temperature(temperature),
-                     f"temperature must be a positive finite number, got {temperature!r}")
-        self.temperature = float(temperature)
+        name = type(self).__name__
+        check_positive_number(name, "reduction", reduction)
+        self.temperature = float(check_positive_number(name, "temperature", temperature))
         self.hidden_channels = max(int(in_channels / reduction), num_experts)
         self.fc1 = nn.Linear(in_channels, self.hidden_channels)
         self.act = nn.ReLU()
@@ -344,6 +355,7 @@ class DynamicConvBnAct(Block):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(in_channels, out_channels, stride)
+        self.check_layers(norm_layer=norm_layer, act_layer=act_layer)
         self.conv = DynamicConv2d(
             in_channels, self.out_channels, stride, kernel_size=kernel_size, dilation=dilation,
             groups=groups, bias=False, num_experts=num_experts, temperature=temperature,
@@ -409,7 +421,7 @@ class CondConv2d(ExpertConv2d):
             kernel_size=kernel_size, padding=padding, dilation=dilation, groups=groups,
             bias=bias, strategy=strategy,
         )
-        self.require(0.0 <= dropout < 1.0, f"dropout must be in [0, 1), got {dropout}")
+        check_fraction(type(self).__name__, "dropout", dropout)
         self.routing_dropout = nn.Dropout(dropout)
         self.routing_fn = nn.Linear(in_channels, num_experts)
         self.place(device, dtype)
@@ -449,19 +461,12 @@ class CondConv2d(ExpertConv2d):
         return {"routing_weights": routing, "kernels": self.aggregate_kernels(routing)[0]}
 
 
-def _valid_temperature(t: object) -> bool:
-    return (
-        isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t > 0
-    )
-
-
 def set_temperature(model: nn.Module, temperature: float) -> int:
     """Set the softmax temperature of every :class:`DynamicConv2d` in ``model`` (itself included).
 
     Returns how many were set; a non-positive or non-finite temperature is a ``ValueError``.
     """
-    if not _valid_temperature(temperature):
-        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    check_positive_number("set_temperature", "temperature", temperature)
     count = 0
     for module in model.modules():
         if isinstance(module, DynamicConv2d):
@@ -487,11 +492,8 @@ class TemperatureSchedule:
     def __init__(
         self, model: nn.Module, start: float = 30.0, end: float = 1.0, epochs: int = 10
     ) -> None:
-        for name, t in (("start", start), ("end", end)):
-            if not _valid_temperature(t):
-                raise ValueError(
-                    f"TemperatureSchedule: {name} must be a positive finite number, got {t!r}"
-                )
+        check_positive_number("TemperatureSchedule", "start", start)
+        check_positive_number("TemperatureSchedule", "end", end)
         check_positive_int("TemperatureSchedule", "epochs", epochs)
         if not any(isinstance(m, DynamicConv2d) for m in model.modules()):
             raise ValueError("TemperatureSchedule: the model holds no DynamicConv2d")
@@ -504,10 +506,7 @@ class TemperatureSchedule:
 
     def temperature_at(self, epoch: int) -> float:
         """The temperature of (0-based) ``epoch``."""
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-            raise ValueError(
-                f"TemperatureSchedule: epoch must be a non-negative integer, got {epoch!r}"
-            )
+        check_non_negative_int("TemperatureSchedule", "epoch", epoch)
         return self.start + (self.end - self.start) * min(epoch, self.epochs) / self.epochs
 
     def step(self, epoch: int | None = None) -> float:

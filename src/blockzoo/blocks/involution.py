@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from ..core.validation import check_positive_int
 from ..layers import ConvNormAct, LayerSpec
 from ..registry import register_block
 from .base import Block
@@ -241,17 +242,16 @@ class Involution(Block):
             f"preserves the channels, so out_channels must be None or in_channels "
             f"({in_channels}), got {out_channels}",
         )
+        name = type(self).__name__
+        check_positive_int(name, "kernel_size", kernel_size, odd=True)
+        check_positive_int(name, "group_channels", group_channels)
         self.require(
-            isinstance(kernel_size, int) and kernel_size >= 1 and kernel_size % 2 == 1,
-            f"kernel_size must be a positive odd integer, got {kernel_size!r}",
-        )
-        self.require(
-            isinstance(group_channels, int) and group_channels >= 1
-            and in_channels % group_channels == 0,
+            in_channels % group_channels == 0,
             f"in_channels ({in_channels}) must be a multiple of group_channels "
             f"({group_channels!r}): G = channels / group_channels kernel groups",
         )
-        self.require(reduction >= 1, f"reduction must be at least 1, got {reduction}")
+        check_positive_int(name, "reduction", reduction)
+        self.check_layers(act_layer=act_layer, norm_layer=norm_layer)
         self.kernel_size = kernel_size
         self.group_channels = group_channels
         self.groups = in_channels // group_channels

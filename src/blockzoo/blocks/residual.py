@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.validation import check_bool, check_options, check_positive_int, close_matches
 from ..layers import ConvNormAct, LayerSpec, create_act, create_norm
 from ..registry import block_info, create_block, list_blocks, register_block
 from .base import Block
@@ -36,8 +37,8 @@ def _registered(block: Block, option: str, name: str, kind: str) -> None:
     """Raise a ``ValueError`` naming ``block`` unless ``name`` is a registered ``kind`` block."""
     try:
         found = f"a block of kind {block_info(name).kind!r}"
-    except KeyError:
-        found = "not a registered block"
+    except (KeyError, TypeError):
+        found = "not a registered block" + close_matches(str(name), list_blocks(kind))
     block.require(
         found == f"a block of kind {kind!r}",
         f"{option} must name a registered {kind}-kind block (one of {list_blocks(kind)}), "
@@ -52,11 +53,12 @@ def attention_block(
 
     Raises a ``ValueError`` naming ``block`` when ``attention`` is not an attention-kind block.
     """
+    kwargs = check_options(type(block).__name__, "attention_kwargs", kwargs)
     if attention is None:
         block.require(not kwargs, f"attention_kwargs {kwargs} given without an attention block")
         return nn.Identity()
     _registered(block, "attention", attention, "attention")
-    return create_block(attention, channels, **(kwargs or {}))
+    return create_block(attention, channels, **kwargs)
 
 
 def bottleneck_width(
@@ -73,13 +75,10 @@ def bottleneck_width(
     expansion``: ResNet (``cardinality=1, base_width=64``) gives ``out / 4``; ResNeXt 32x4d gives
     ``4 * 32 = 128`` for ``out = 256``. Every group must get at least one channel.
     """
-    for name, value in (
-        (expansion_name, expansion), ("cardinality", cardinality), ("base_width", base_width)
-    ):
-        block.require(
-            isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-            f"{name} must be a positive integer, got {value!r}",
-        )
+    owner = type(block).__name__
+    check_positive_int(owner, expansion_name, expansion)
+    check_positive_int(owner, "cardinality", cardinality)
+    check_positive_int(owner, "base_width", base_width)
     per_group = out_channels * base_width // (expansion * 64)
     block.require(
         per_group >= 1,
@@ -108,6 +107,10 @@ def bottleneck_body(
     follow it unless ``conv_norm_act=False`` (for conv blocks that end in their own norm and
     activation, as SKNet's selective-kernel conv does).
     """
+    owner = type(block).__name__
+    check_bool(owner, "conv_norm_act", conv_norm_act)
+    conv_kwargs = check_options(owner, "conv_kwargs", conv_kwargs)
+    block.check_layers(act_layer=act_layer, norm_layer=norm_layer)
     if conv is None:
         block.require(not conv_kwargs, f"conv_kwargs {conv_kwargs} given without a conv block")
         block.require(conv_norm_act, "conv_norm_act=False needs a conv block (conv=...)")
@@ -118,7 +121,7 @@ def bottleneck_body(
     else:
         _registered(block, "conv", conv, "conv")
         conv2 = nn.Sequential(OrderedDict(
-            conv=create_block(conv, width, width, block.stride, **(conv_kwargs or {})),
+            conv=create_block(conv, width, width, block.stride, **conv_kwargs),
             bn=create_norm(norm_layer if conv_norm_act else None, width),
             act=create_act(act_layer if conv_norm_act else None),
         ))
@@ -201,6 +204,7 @@ class ResidualBlock(Block):
         act_layer: LayerSpec,
         norm_layer: LayerSpec,
     ) -> None:
+        check_bool(type(self).__name__, "zero_init_last", zero_init_last)
         self.body = body
         self.attention = attention_block(self, attention, self.out_channels, attention_kwargs)
         if self.in_channels == self.out_channels and self.stride == 1:
@@ -330,6 +334,7 @@ class BasicResidual(ResidualBlock):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(in_channels, out_channels, stride)
+        self.check_layers(act_layer=act_layer, norm_layer=norm_layer)
         out = self.out_channels
         body = nn.Sequential(OrderedDict(
             conv1=ConvNormAct(
