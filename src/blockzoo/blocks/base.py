@@ -26,8 +26,8 @@ def check_input(block: nn.Module, x: object, channels: int) -> None:
     """Raise a ``ValueError`` naming ``block`` unless ``x`` is ``(N, channels, H, W)`` floating
     of the dtype of ``block``'s parameters.
 
-    Under ``torch.autocast`` for ``x``'s device type the operators cast their inputs
-    themselves, so there only a float64 input into a block of another dtype is refused. A block
+    Under ``torch.autocast`` for ``x``'s device type the operators cast float32 inputs
+    themselves, so there a float32 input or one of the autocast dtype is taken too. A block
     without parameters takes any floating dtype.
     """
     name = type(block).__name__
@@ -48,12 +48,14 @@ def check_input(block: nn.Module, x: object, channels: int) -> None:
     expected = parameter_dtype(block)
     if expected is None or x.dtype == expected:
         return
-    # Under autocast the operators cast every floating input but a float64 one.
-    if x.dtype == torch.float64 or not torch.is_autocast_enabled(x.device.type):
+    device = x.device.type
+    # Under autocast the operators cast float32 inputs (and take the autocast dtype itself).
+    autocast = torch.is_autocast_enabled(device)
+    if not (autocast and x.dtype in (torch.float32, torch.get_autocast_dtype(device))):
         raise ValueError(
             f"{name} has {expected} parameters but got an input of dtype {x.dtype}; "
             f"convert one to the other (x.to({expected}) or block.to({x.dtype}))"
-            + ("" if x.dtype == torch.float64 else " or run under torch.autocast")
+            + ("" if autocast else " or run under torch.autocast")
         )
 
 

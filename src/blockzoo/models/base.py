@@ -13,20 +13,26 @@ import torch
 from torch import nn
 
 from ..blocks.base import check_input
-from ..core.validation import require
+from ..core.validation import (
+    check_bool,
+    check_fraction,
+    check_non_negative_int,
+    check_positive_int,
+    require,
+)
 from ..layers import ConvNormAct
 from ..registry import block_info, list_blocks
 
 
 def check_positive_ints(owner: str, name: str, values: Sequence[int], length: int) -> tuple:
     """``values`` as a tuple of ``length`` positive ints, else a ``ValueError`` naming ``owner``."""
+    require(owner, isinstance(values, Sequence) and not isinstance(values, str),
+            f"{name} must be {length} positive integers, got {values!r}")
     values = tuple(values)
-    require(
-        owner,
-        len(values) == length
-        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values),
-        f"{name} must be {length} positive integers, got {values!r}",
-    )
+    require(owner, len(values) == length,
+            f"{name} must be {length} positive integers, got {values!r}")
+    for value in values:
+        check_positive_int(owner, name, value)
     return values
 
 
@@ -61,16 +67,10 @@ class StagedNet(nn.Module):
     ) -> None:
         super().__init__()
         owner = type(self).__name__
-        check_positive_ints(owner, "in_chans", (in_chans,), 1)
-        require(
-            owner,
-            isinstance(num_classes, int) and not isinstance(num_classes, bool)
-            and num_classes >= 0,
-            f"num_classes must be a non-negative integer, got {num_classes!r}",
-        )
-        require(owner, isinstance(features_only, bool),
-                 f"features_only must be a bool, got {features_only!r}")
-        require(owner, 0.0 <= drop_rate < 1.0, f"drop_rate must be in [0, 1), got {drop_rate}")
+        check_positive_int(owner, "in_chans", in_chans)
+        check_non_negative_int(owner, "num_classes", num_classes)
+        check_bool(owner, "features_only", features_only)
+        check_fraction(owner, "drop_rate", drop_rate)
         require(owner, len(stages) == len(stage_strides) >= 1,
                  f"needs at least one stage and one stride per stage, got {len(stages)} stages "
                  f"and strides {tuple(stage_strides)}")
