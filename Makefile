@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 CONSTRAINTS := requirements/constraints.txt
 
-.PHONY: demo test lint readme clean
+.PHONY: demo test test-fast lint readme clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,9 +31,14 @@ lint: $(VENV)/.dev-installed
 test: lint
 	$(BIN)/python -m pytest -n auto -q
 
-# Regenerate README's block table from the registry (a test checks it is current).
+# The inner loop: everything but torch.compile, ONNX export and other slow tests.
+test-fast: lint
+	$(BIN)/python -m pytest -n auto -q -m "not compile and not export and not slow"
+
+# Regenerate README's block table and docs/models.md's model table (tests check both are current).
 readme: $(VENV)/.base-installed
 	$(BIN)/python -m blockzoo.tools.readme README.md
+	$(BIN)/python -m blockzoo.models.table docs/models.md
 
 clean:
 	rm -rf $(VENV) reports .pytest_cache

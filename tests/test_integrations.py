@@ -254,6 +254,7 @@ def _torch_settings_kept() -> Iterator[None]:
         torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
 
+@pytest.mark.slow
 def test_blockzoo_yolo_cli_trains_validates_predicts_and_exports_offline(
     yolo: object, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

@@ -17,7 +17,7 @@ from torch import nn
 from ..core.validation import check_positive_int
 from ..layers import same_padding
 from ..registry import register_block
-from .base import Block
+from .base import Block, ExplainKey
 
 
 def reflect_indices(
@@ -184,9 +184,6 @@ def shift_kernels(out_channels: int, kernel_size: int) -> torch.Tensor:
     arxiv="2111.14556",
     year=2022,
     summary="Shares 1x1 q/k/v projections between local window attention and a shift-kernel conv.",
-    width="free",
-    example_in=16,
-    example_out=24,
     notes="out_channels must be divisible by head. dilation dilates the attention window only "
     "(the conv path is never dilated, as in the reference code). Reflection padding is iterated "
     "for inputs smaller than the window (a 1-pixel axis replicates).",
@@ -305,8 +302,8 @@ class ACmix(Block):
             q_att, k_att, pe, self.kernel_att, self.dilation, self.stride
         )
         return {
-            "attention": att.reshape(x.shape[0], self.head, *att.shape[1:]),
-            "rates": torch.cat([self.rate1, self.rate2]).detach(),
+            ExplainKey.ATTENTION: att.reshape(x.shape[0], self.head, *att.shape[1:]),
+            ExplainKey.RATES: torch.cat([self.rate1, self.rate2]).detach(),
         }
 
     def extra_flops(self, x: torch.Tensor) -> int:

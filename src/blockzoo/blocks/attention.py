@@ -18,9 +18,9 @@ from torch import nn
 from ..core.validation import check_choice, check_positive_int, check_positive_number
 from ..layers import LayerSpec, create_act, create_norm, make_divisible
 from ..registry import register_block
-from .base import ShapePreservingBlock
+from .base import ExplainKey, ShapePreservingBlock
 
-_ATTENTION = dict(kind="attention", width="same", example_out=None)
+_ATTENTION = dict(kind="attention")
 
 
 @register_block(
@@ -81,7 +81,7 @@ class SqueezeExcite(ShapePreservingBlock):
         """The channel gate ``s`` of shape ``(N, C)``."""
         self.check_input(x)
         s = x.mean(dim=(2, 3), keepdim=True)
-        return {"channel_gate": self.gate(self.fc2(self.act(self.fc1(s)))).flatten(1)}
+        return {ExplainKey.CHANNEL_GATE: self.gate(self.fc2(self.act(self.fc1(s)))).flatten(1)}
 
 
 @register_block(
@@ -181,7 +181,7 @@ class GlobalContext(ShapePreservingBlock):
     def explain(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The context mask over positions, ``(N, H, W)``."""
         self.check_input(x)
-        return {"context_mask": self.attention_mask(x)[:, 0]}
+        return {ExplainKey.CONTEXT_MASK: self.attention_mask(x)[:, 0]}
 
 
 @register_block(
@@ -251,4 +251,4 @@ class CoordinateAttention(ShapePreservingBlock):
         """The spatial map ``a_h x a_w`` averaged over channels, ``(N, H, W)``."""
         self.check_input(x)
         a_h, a_w = self.gates(x)
-        return {"attention_map": (a_h * a_w).mean(dim=1)}
+        return {ExplainKey.ATTENTION_MAP: (a_h * a_w).mean(dim=1)}

@@ -72,6 +72,7 @@ class _NormalCell(Block):
 
     allowed_strides = (1,)
     stride_reason = "a normal cell keeps the spatial size"
+    width = "structural"
 
     combinations: ClassVar[tuple[tuple[Operand, Operand], ...]]
     concat: ClassVar[tuple[int, ...]]
@@ -101,13 +102,10 @@ class _NormalCell(Block):
             max(1, in_channels // num_states) if cell_channels is None
             else check_positive_int(name, "cell_channels", cell_channels)
         )
-        derived = num_states * self.cell_channels
-        self.require(
-            out_channels is None or out_channels == derived,
-            f"out_channels is structural ({num_states} concatenated states x cell_channels "
-            f"{self.cell_channels} = {derived}); pass None or {derived}, got {out_channels}",
+        self.derive_out_channels(
+            out_channels, num_states * self.cell_channels,
+            f"{num_states} concatenated states x cell_channels {self.cell_channels}",
         )
-        self.out_channels = derived
         c = self.cell_channels
 
         def relu_conv_bn(c_in: int) -> nn.Sequential:
@@ -161,10 +159,6 @@ class _NormalCell(Block):
 
 _CELL = dict(
     kind="cell",
-    width="structural",
-    example_in=16,
-    example_out=None,
-    example_kwargs={"cell_channels": 8},
     notes="two inputs: forward(x, prev=None); the contract runs it with prev = x.",
 )
 

@@ -21,7 +21,7 @@ from torchvision.ops import deform_conv2d as _tv_deform_conv2d
 from ..core.validation import check_bool, check_choice, check_positive_int
 from ..layers import same_padding
 from ..registry import register_block
-from .base import Block
+from .base import Block, ExplainKey
 
 IMPLS = ("auto", "torchvision", "torch")
 
@@ -240,9 +240,9 @@ class _DeformConvBase(Block):
         base = torch.stack(torch.broadcast_tensors(base_y, base_x), dim=-1)
         base = base.reshape(ho, wo, k * k, 2)
         delta = offset[:, : 2 * k * k].reshape(n, k * k, 2, ho, wo).permute(0, 3, 4, 1, 2)
-        explained = {"offset": offset, "sampling_points": base + delta}
+        explained = {ExplainKey.OFFSET: offset, ExplainKey.SAMPLING_POINTS: base + delta}
         if mask is not None:
-            explained["mask"] = mask
+            explained[ExplainKey.MASK] = mask
         return explained
 
     def extra_flops(self, x: torch.Tensor) -> int:
@@ -270,8 +270,6 @@ class _DeformConvBase(Block):
 
 _DEFORM = dict(
     kind="conv",
-    width="free",
-    export_kwargs={"impl": "torch"},
 )
 
 

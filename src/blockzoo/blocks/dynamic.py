@@ -22,14 +22,11 @@ its weight):
   channels, and their outputs are mixed per sample with one batched matmul. It costs ``K`` times
   the convolution's arithmetic and ``K`` times its output memory, but uses the ordinary batched
   convolution kernels.
-- ``"auto"`` (default) picks ``"mix"`` only where it was measured faster on CPU (float32, one
-  thread, forward and forward+backward): batch ``N >= 16``, output map of at most ``8 x 8``
-  positions, ``k > 1``, ``groups == 1`` and ``K <= 4``. There the grouped convolution with
-  ``N`` groups is slow: at ``N=32``, 7x7 maps, 3x3 and 256 channels "mix" took 0.5x the time of
-  "aggregate" (64 channels: 1.04x forward, 0.6x forward+backward). Everywhere else measured
-  (64 and 256 channels, 7x7 to 28x28 maps, batch 8 and 32, 1x1 and 3x3) "mix" took 1.0x to 7.9x
-  the time of "aggregate". The rule lives in :meth:`ExpertConv2d.choose_strategy`;
-  ``benchmarks/bench_dynamic_conv.py --strategies`` re-measures it.
+- ``"auto"`` (default) picks ``"mix"`` only where it measured faster on CPU: batch
+  ``N >= 16``, output map of at most ``8 x 8`` positions, ``k > 1``, ``groups == 1`` and
+  ``K <= 4``, where the grouped convolution with ``N`` groups is slow. The rule lives in
+  :meth:`ExpertConv2d.choose_strategy`; the measurements behind it are in docs/benchmarks.md
+  ("The strategy="auto" rule", re-measured by ``benchmarks/bench_dynamic_conv.py --strategies``).
 
 While exporting (``torch.export``, and so the ONNX exporter) or tracing (``torch.jit.trace``) the
 ``"mix"`` strategy is always used: ONNX ``Conv``'s ``group`` attribute and a traced graph's
@@ -56,7 +53,7 @@ from ..core.validation import (
 )
 from ..layers import LayerSpec, create_act, create_norm, same_padding
 from ..registry import register_block
-from .base import Block
+from .base import Block, ExplainKey
 
 Strategy = Literal["auto", "aggregate", "mix"]
 STRATEGIES: tuple[str, ...] = ("auto", "aggregate", "mix")
@@ -225,6 +222,19 @@ class ExpertConv2d(Block):
             return self._mix(x, routing)
         return self._aggregate(x, routing)
 
+    def routing(self, x: torch.Tensor) -> torch.Tensor:
+        """Routing weights ``(N, K)`` for input ``x`` (each subclass's own rule)."""
+        raise NotImplementedError
+
+    def explain(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Routing weights ``(N, K)`` and aggregated kernels ``(N, C_out, C_in/g, k, k)``."""
+        self.check_input(x)
+        routing = self.routing(x)
+        return {
+            ExplainKey.ROUTING_WEIGHTS: routing,
+            ExplainKey.KERNELS: self.aggregate_kernels(routing)[0],
+        }
+
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, kernel_size={self.kernel_size}, padding={self.padding}, "
@@ -233,7 +243,7 @@ class ExpertConv2d(Block):
         )
 
 
-_CONV = dict(kind="conv", width="free", example_in=16, example_out=24)
+_CONV = dict(kind="conv")
 
 
 @register_block(
@@ -303,12 +313,6 @@ class DynamicConv2d(ExpertConv2d):
         self.check_input(x)
         return self.mixture_conv(x, self.routing(x))
 
-    def explain(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Routing weights ``(N, K)`` and aggregated kernels ``(N, C_out, C_in/g, k, k)``."""
-        self.check_input(x)
-        routing = self.routing(x)
-        return {"routing_weights": routing, "kernels": self.aggregate_kernels(routing)[0]}
-
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, temperature={self.temperature}"
 
@@ -320,7 +324,6 @@ class DynamicConv2d(ExpertConv2d):
     arxiv="1912.03458",
     year=2020,
     summary="DY-Conv followed by BatchNorm and ReLU, the form the paper always uses.",
-    width="free",
     notes="exports with the 'mix' strategy (ONNX Conv groups cannot follow a dynamic batch).",
 )
 class DynamicConvBnAct(Block):
@@ -453,12 +456,6 @@ class CondConv2d(ExpertConv2d):
                 f"CondConv2d: routing_weights must have shape (N, num_experts) = ({batch}, {e}) "
                 f"or (1, {e}), got {tuple(routing.shape)}"
             )
-
-    def explain(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Routing weights ``(N, E)`` and aggregated kernels ``(N, C_out, C_in/g, k, k)``."""
-        self.check_input(x)
-        routing = self.routing(x)
-        return {"routing_weights": routing, "kernels": self.aggregate_kernels(routing)[0]}
 
 
 def set_temperature(model: nn.Module, temperature: float) -> int:

@@ -22,7 +22,7 @@ from torch.autograd.function import once_differentiable
 from ..core.validation import check_positive_int
 from ..layers import ConvNormAct, LayerSpec
 from ..registry import register_block
-from .base import Block
+from .base import Block, ExplainKey
 
 
 def _check_operands(x: torch.Tensor, kernel: torch.Tensor, stride: int) -> tuple[int, int]:
@@ -193,9 +193,6 @@ def involution_unfold_reference(
     year=2021,
     summary="A K x K kernel generated at every position from that position's features, "
     "shared across the channels of a group.",
-    width="same",
-    example_in=32,
-    example_out=None,
     notes="channels are preserved; channels must be divisible by group_channels (16). "
     "Computed by offset accumulation (involution2d), not unfold.",
 )
@@ -221,6 +218,8 @@ class Involution(Block):
     """
 
     allowed_strides = (1, 2)
+    width = "same"
+    width_reason = "preserves the channels"
 
     def __init__(
         self,
@@ -237,11 +236,6 @@ class Involution(Block):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(in_channels, out_channels, stride)
-        self.require(
-            self.out_channels == in_channels,
-            f"preserves the channels, so out_channels must be None or in_channels "
-            f"({in_channels}), got {out_channels}",
-        )
         name = type(self).__name__
         check_positive_int(name, "kernel_size", kernel_size, odd=True)
         check_positive_int(name, "group_channels", group_channels)
@@ -277,7 +271,7 @@ class Involution(Block):
     def explain(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The generated kernels, ``(N, G, K, K, Ho, Wo)``."""
         self.check_input(x)
-        return {"kernels": self.generate_kernel(x)}
+        return {ExplainKey.KERNELS: self.generate_kernel(x)}
 
     def extra_flops(self, x: torch.Tensor) -> int:
         """FLOPs of the aggregation (2 per multiply-add), which FlopCounterMode cannot see.

@@ -20,7 +20,8 @@ from torch import nn
 from ..core.validation import check_positive_int, check_positive_number
 from ..layers import ConvNormAct, LayerSpec, create_act
 from ..registry import register_block
-from .base import Block
+from .base import Block, ExplainKey
+from .residual import residual_shortcut
 
 
 def clamp_groups(groups: int, *channels: int) -> int:
@@ -41,8 +42,6 @@ def clamp_groups(groups: int, *channels: int) -> int:
     year=2019,
     summary="Parallel branches with different receptive fields, mixed per channel by a softmax "
     "attention computed from their pooled sum.",
-    example_in=16,
-    example_out=24,
     notes="groups are clamped to the largest divisor of in_channels and out_channels not above "
     "the requested value. The BN on the fused vector z uses the running statistics for a "
     "training batch of one (blockzoo BatchNorm2d).",
@@ -149,7 +148,7 @@ class SKConv(Block):
 
     def explain(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The branch weights ``a`` of shape ``(N, M, out_channels)`` (softmax over ``M``)."""
-        return {"branch_weights": self(x, return_attention=True)[1]}
+        return {ExplainKey.BRANCH_WEIGHTS: self(x, return_attention=True)[1]}
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, M={self.M}, groups={self.groups}, d={self.d}"
@@ -162,8 +161,6 @@ class SKConv(Block):
     arxiv="1903.06586",
     year=2019,
     summary="SKNet bottleneck: 1x1 conv -> SKConv (stride) -> 1x1 conv, plus a shortcut.",
-    example_in=16,
-    example_out=32,
     notes="mid_channels defaults to out_channels // 2 as in SKNet-50; the SKConv's groups are "
     "clamped to a divisor of mid_channels.",
 )
@@ -211,12 +208,7 @@ class SKUnit(Block):
             reduction=reduction, min_dim=min_dim, act_layer=act_layer, norm_layer=norm_layer,
         )
         self.conv3 = ConvNormAct(mid, out, 1, norm_layer=norm_layer, act_layer=None)
-        if in_channels == out and stride == 1:
-            self.shortcut = nn.Identity()
-        else:
-            self.shortcut = ConvNormAct(
-                in_channels, out, 1, stride, norm_layer=norm_layer, act_layer=None
-            )
+        self.shortcut = residual_shortcut(self, norm_layer)
         self.act = create_act(act_layer)
         self.place(device, dtype)
 

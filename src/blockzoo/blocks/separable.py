@@ -21,9 +21,6 @@ from .base import Block
     arxiv="1610.02357",
     year=2017,
     summary="A depthwise k x k conv (spatial) followed by a pointwise 1x1 conv (channels).",
-    width="free",
-    example_in=16,
-    example_out=24,
 )
 class SeparableConv(Block):
     """Depthwise separable convolution (Chollet, Xception, arXiv 1610.02357).

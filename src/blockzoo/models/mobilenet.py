@@ -18,15 +18,8 @@ from typing import Any
 from torch import nn
 
 from ..blocks.mobile import InvertedResidual
-from ..core.validation import (
-    check_bool,
-    check_options,
-    check_positive_int,
-    check_positive_number,
-    require,
-)
+from ..core.validation import check_bool, check_positive_int, check_positive_number
 from ..layers import ConvNormAct, LayerSpec, check_layers, make_divisible
-from ..surgery import replace_convs
 from .base import StagedNet, init_conv_norm_act
 from .registry import default_cfg, register_model
 
@@ -41,21 +34,6 @@ MOBILENETV2_SETTINGS: tuple[tuple[int, int, int, int], ...] = (
     (6, 160, 3, 2),
     (6, 320, 1, 1),
 )
-
-
-def swap_convs(module: nn.Module, conv: str, conv_kwargs: dict[str, Any] | None) -> None:
-    """Replace the ``nn.Conv2d`` of every ``ConvNormAct`` inside ``module`` by the conv-kind
-    block ``conv`` (same channels, stride, kernel size and groups, no bias), freshly initialised.
-
-    Uses :func:`blockzoo.surgery.replace_convs` on each conv + norm + act unit; a conv the block
-    cannot replace (e.g. a depthwise conv for a block without ``groups``) is a ``ValueError``.
-    """
-    units = [m for m in module.modules() if isinstance(m, ConvNormAct)]
-    for unit in units:
-        report = replace_convs(unit, conv, "conv", preserve=False, **(conv_kwargs or {}))
-        if report.skipped:
-            name, reason = report.skipped[0]
-            raise ValueError(f"MobileNetV2: conv={conv!r} cannot replace {unit.conv}: {reason}")
 
 
 class MobileNetV2(StagedNet):
@@ -75,7 +53,7 @@ class MobileNetV2(StagedNet):
     - ``conv``: a conv-kind block (``"dynamic_conv"``, ...) that replaces every convolution of
       the inverted residual blocks (expansion 1x1, depthwise 3x3 and projection 1x1), built with
       the conv's channels, stride, kernel size and groups, no bias, and ``conv_kwargs``
-      (:func:`swap_convs`); the stem and the head conv stay static.
+      (``InvertedResidual(conv=...)``); the stem and the head conv stay static.
 
     ``torchvision.models.mobilenet_v2()`` and ``MobileNetV2()`` have the same parameter shapes
     (3,504,872 parameters).
@@ -106,9 +84,6 @@ class MobileNetV2(StagedNet):
         check_positive_int(owner, "stem_width", stem_width)
         check_positive_int(owner, "last_channels", last_channels)
         check_bool(owner, "attention_on_t1", attention_on_t1)
-        conv_kwargs = check_options(owner, "conv_kwargs", conv_kwargs)
-        require(owner, conv is not None or not conv_kwargs,
-                f"conv_kwargs {conv_kwargs} given without conv")
         check_layers(owner, act_layer=act_layer, norm_layer=norm_layer)
         norm_act = dict(norm_layer=norm_layer, act_layer=act_layer)
         cin = make_divisible(stem_width * width_mult, 8)
@@ -127,13 +102,11 @@ class MobileNetV2(StagedNet):
                 stages[-1].append(InvertedResidual(
                     cin, cout, s if i == 0 else 1, expand_ratio=t,
                     attention=attention if use_attention else None,
-                    attention_kwargs=attention_kwargs if use_attention else None, **norm_act,
+                    attention_kwargs=attention_kwargs if use_attention else None,
+                    conv=conv, conv_kwargs=conv_kwargs, **norm_act,
                 ))
                 cin = cout
         modules = [nn.Sequential(*blocks) for blocks in stages]
-        if conv is not None:
-            for stage in modules:
-                swap_convs(stage, conv, conv_kwargs)
         last = make_divisible(last_channels * max(1.0, width_mult), 8)
         super().__init__(
             stem, modules, stem_stride=2, stage_strides=strides, in_chans=in_chans,
