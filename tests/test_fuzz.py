@@ -205,3 +205,38 @@ def test_random_constructor_arguments_fail_at_construction_or_run(name: str) -> 
         assert y.shape[0] == 2
 
     check()
+
+
+#: The constructor defects reported against the blocks: (block, argument, value, wrong type?).
+REPORTED = [
+    ("se", "rd_channels", 0, False),
+    ("coord_att", "min_channels", 0, False),
+    ("coord_att", "min_channels", -3, False),
+    ("spd_conv", "kernel_size", "3", True),
+    ("gc", "ratio", math.inf, False),
+    ("se", "reduction", "4", True),
+    ("residual", "attention", 3, False),
+    ("dynamic_conv", "bias", "yes", True),
+    ("separable_conv", "kernel_size", True, True),
+    ("dynamic_conv", "reduction", math.inf, False),
+    ("se", "gate_layer", "sigmoidd", False),
+    ("inverted_residual", "norm_layer", nn.BatchNorm2d(16), True),
+]
+
+
+@pytest.mark.parametrize(("name", "argument", "value", "wrong_type"), REPORTED)
+def test_reported_constructor_defects_are_refused_at_construction(
+    name: str, argument: str, value: Any, wrong_type: bool
+) -> None:
+    cls = bz.block_info(name).cls.__name__
+    with pytest.raises(ValueError, match=f"^{cls}: {argument}") as err:
+        bz.create_block(name, 16, **{argument: value})
+    assert isinstance(err.value, TypeError) == wrong_type  # ArgumentTypeError for a wrong type
+
+
+def test_activation_instance_is_copied_and_a_norm_instance_refused() -> None:
+    block = bz.create_block("se", 16, act_layer=nn.ReLU())
+    assert isinstance(block.act, nn.ReLU)
+    assert block(torch.randn(2, 16, 4, 4)).shape == (2, 16, 4, 4)
+    with pytest.raises(TypeError, match="norm_layer must be .* not a module instance"):
+        bz.create_block("coord_att", 16, norm_layer=nn.BatchNorm2d(8))

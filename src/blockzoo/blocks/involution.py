@@ -44,8 +44,7 @@ def _check_operands(x: torch.Tensor, kernel: torch.Tensor, stride: int) -> tuple
             f"involution2d: the {x.shape[1]} channels of x are not divisible by the "
             f"{groups} kernel groups"
         )
-    if not isinstance(stride, int) or stride < 1:
-        raise ValueError(f"involution2d: stride must be a positive integer, got {stride!r}")
+    check_positive_int("involution2d", "stride", stride)
     sizes = (*x.shape[2:], *kernel.shape[4:])
     if all(isinstance(size, int) for size in sizes):
         expected = (-(-sizes[0] // stride), -(-sizes[1] // stride))
