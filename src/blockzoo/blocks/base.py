@@ -32,6 +32,9 @@ def parameter_dtype(module: nn.Module) -> torch.dtype | None:
     return None
 
 
+Width = Literal["free", "same", "structural"]
+
+
 def check_input(block: nn.Module, x: object, channels: int) -> None:
     """Raise a ``ValueError`` naming ``block`` unless ``x`` is ``(N, channels, H, W)`` floating
     of the dtype of ``block``'s parameters.
