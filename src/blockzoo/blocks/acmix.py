@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.counting import map_elements
 from ..core.validation import check_positive_int
 from ..layers import same_padding
 from ..registry import register_block
@@ -210,6 +211,12 @@ class ACmix(Block):
     than the window: see :func:`reflect_indices`.
     """
 
+    conv_preservation = (
+        "its convolution path is a 1x1 projection of q, k, v followed by grouped shift kernels, "
+        "which spans only a subset of dense k x k convolutions, and its attention path is "
+        "non-linear"
+    )
+
     allowed_strides = (1, 2)
 
     def __init__(
@@ -307,14 +314,15 @@ class ACmix(Block):
         }
 
     def extra_flops(self, x: torch.Tensor) -> int:
-        """FLOPs (2 per multiply-add) of the window attention, which FlopCounterMode cannot see.
+        """FLOPs (2 per multiply-add) of the elementwise work FlopCounterMode cannot see.
 
-        Each output position and channel takes ``kernel_att^2`` products for the scores and as
-        many for the weighted sum of ``v``: ``2 * 2 * N * C_out * Ho * Wo * kernel_att^2``.
+        Per value of ``q``/``k`` (``N * C_out * H * W``): the scaling of ``q`` and ``k - pe``.
+        Per output value (``N * C_out * Ho * Wo``): ``kernel_att^2`` products for the scores,
+        as many for the weighted sum of ``v``, and 2 for ``rate1 * att + rate2 * conv``.
         """
-        n, _, h, w = x.shape
-        outputs = n * (-(-h // self.stride)) * (-(-w // self.stride))
-        return 4 * outputs * self.out_channels * self.kernel_att**2
+        per_output = 2 * self.kernel_att**2 + 2
+        return 2 * (2 * map_elements(x, self.out_channels)
+                    + per_output * map_elements(x, self.out_channels, self.stride))
 
     def extra_repr(self) -> str:
         return (

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..core.counting import map_elements
 from ..core.validation import check_choice, check_positive_int, check_positive_number
 from ..layers import LayerSpec, create_act, create_norm, make_divisible
 from ..registry import register_block
@@ -76,6 +77,11 @@ class SqueezeExcite(ShapePreservingBlock):
         s = x.mean(dim=(2, 3), keepdim=True)
         s = self.gate(self.fc2(self.act(self.fc1(s))))
         return x * s
+
+    def extra_flops(self, x: torch.Tensor) -> int:
+        """The squeeze (a mean over positions: one multiply-add per input value) and the
+        excitation ``x * s`` (one per output value): ``2 * 2 * N * C * H * W`` FLOPs."""
+        return 2 * 2 * map_elements(x)
 
     def explain(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The channel gate ``s`` of shape ``(N, C)``."""
@@ -178,6 +184,13 @@ class GlobalContext(ShapePreservingBlock):
             out = out + self.channel_add(context)
         return out
 
+    def extra_flops(self, x: torch.Tensor) -> int:
+        """Context pooling (softmax-weighted or plain mean over positions: one multiply-add per
+        input value), then one per output value for each fusion (``x * sigmoid(.)``,
+        ``x + T(c)``): ``2 * (1 + fusions) * N * C * H * W`` FLOPs."""
+        fusions = (self.channel_mul is not None) + (self.channel_add is not None)
+        return 2 * (1 + fusions) * map_elements(x)
+
     def explain(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The context mask over positions, ``(N, H, W)``."""
         self.check_input(x)
@@ -246,6 +259,11 @@ class CoordinateAttention(ShapePreservingBlock):
         self.check_input(x)
         a_h, a_w = self.gates(x)
         return x * a_h * a_w
+
+    def extra_flops(self, x: torch.Tensor) -> int:
+        """The two directional poolings (each one multiply-add per input value) and the two
+        gate products ``x * a_h * a_w`` (one each per output value): ``2 * 4 * N*C*H*W``."""
+        return 2 * 4 * map_elements(x)
 
     def explain(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The spatial map ``a_h x a_w`` averaged over channels, ``(N, H, W)``."""

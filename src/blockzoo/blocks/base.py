@@ -7,6 +7,7 @@ and raises a ``ValueError`` naming itself for a wrong argument or input.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import ClassVar, Literal
 
 import torch
@@ -14,6 +15,7 @@ from torch import nn
 
 from ..core.validation import check_positive_int, require
 from ..layers import LayerSpec, check_layers
+from ..registry import block_info, list_blocks
 
 
 def parameter_dtype(module: nn.Module) -> torch.dtype | None:
@@ -203,6 +205,42 @@ class Block(nn.Module):
         return f"in_channels={self.in_channels}, out_channels={self.out_channels}, " \
             f"stride={self.stride}"
 
+    # Model surgery (blockzoo.surgery): how the block takes a plain conv's place.
+
+    #: Why the block cannot start as an arbitrary dense ``nn.Conv2d`` (function-preserving
+    #: surgery refuses it with this reason); ``None`` for a class that implements
+    #: :meth:`init_from_conv`.
+    conv_preservation: ClassVar[str | None] = (
+        "blockzoo has no initialiser that makes it equal an arbitrary nn.Conv2d"
+    )
+    #: True when ``norm_layer``/``act_layer`` act on the block's output (``... -> norm -> act``):
+    #: put in place of a conv that a norm layer follows, the block is built without them.
+    ends_with_norm_act: ClassVar[bool] = False
+
+    def init_from_conv(self, conv: nn.Conv2d) -> None:
+        """Make this freshly built block compute exactly what ``conv`` computes.
+
+        The block has the conv's channels, stride, kernel size, dilation and groups. The base
+        class raises a ``ValueError`` giving :attr:`conv_preservation`.
+        """
+        raise ValueError(
+            f"{type(self).__name__}: cannot take over a convolution's weights: "
+            f"{self.conv_preservation}"
+        )
+
+    def require_conv_kernel(self, conv: nn.Conv2d, kernel_shape: torch.Size) -> None:
+        """For :meth:`init_from_conv`: the block's kernel must have the conv's weight shape,
+        and a conv with a bias needs the block's ``bias``."""
+        self.require(
+            kernel_shape == conv.weight.shape,
+            f"its kernel has shape {tuple(kernel_shape)}, the conv's {tuple(conv.weight.shape)} "
+            f"(different kernel_size or groups in the block's options?)",
+        )
+        self.require(
+            conv.bias is None or getattr(self, "bias", None) is not None,
+            "the conv has a bias and the block was built with bias=False",
+        )
+
 
 class ShapePreservingBlock(Block):
     """A block whose output has its input's shape (the attention blocks).
@@ -214,3 +252,35 @@ class ShapePreservingBlock(Block):
     stride_reason = "keeps the input shape"
     width = "same"
     width_reason = "keeps the input shape"
+
+
+#: Registry kinds whose blocks are atomic: their submodules are the block's own machinery.
+ATOMIC_KINDS = ("attention", "conv", "downsample")
+
+
+def named_open_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every ``(qualified name, module)`` below ``model`` except the insides of sealed modules.
+
+    Sealed are blocks registered under an :data:`ATOMIC_KINDS` kind (a deformable conv's offset
+    predictor, SE's 1x1 convs, SK's fuse layers are the block's machinery) and modules whose
+    class sets ``sealed = True`` (model surgery's ``GatedResidual``); composite blocks (kinds
+    ``block`` and ``cell``, such as a bottleneck) are opened like any other module, and so is
+    ``model`` itself. A module used at several places (shared, tied) is listed at every path.
+    Model surgery matches, and a network's initialisation re-draws, only what this lists.
+    """
+    kinds = {block_info(name).cls: block_info(name).kind for name in list_blocks()}
+
+    def sealed(module: nn.Module) -> bool:
+        if getattr(type(module), "sealed", False) is True:
+            return True
+        kind = next((kinds[c] for c in type(module).__mro__ if c in kinds), None)
+        return kind in ATOMIC_KINDS
+
+    def walk(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
+        for key, child in module._modules.items():  # not named_children(): it skips repeats
+            if child is not None:
+                yield prefix + key, child
+                if not sealed(child):
+                    yield from walk(child, f"{prefix}{key}.")
+
+    return list(walk(model, ""))

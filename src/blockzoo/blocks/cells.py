@@ -20,6 +20,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..core.counting import map_elements
 from ..core.validation import check_positive_int
 from ..layers import ConvNormAct, LayerSpec, create_act
 from ..registry import register_block
@@ -155,6 +156,16 @@ class _NormalCell(Block):
         for (left, right), ((_, i), (_, j)) in zip(self.ops, self.combinations, strict=True):
             states.append(left(states[i]) + right(states[j]))
         return torch.cat([states[k] for k in self.concat], 1)
+
+    def extra_flops(self, x: torch.Tensor) -> int:
+        """Each combination's add (one per value of a ``cell_channels`` state) and each 3x3
+        average pool's terms: ``(3H - 2)(3W - 2)`` per channel and sample, padding excluded.
+        Max pooling compares and is not counted."""
+        n, _, h, w = x.shape
+        state = map_elements(x, self.cell_channels)
+        pools = sum(op == "avg3x3" for pair in self.combinations for op, _ in pair)
+        return 2 * (len(self.combinations) * state
+                    + pools * n * self.cell_channels * (3 * h - 2) * (3 * w - 2))
 
 
 _CELL = dict(

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.counting import map_elements
 from ..core.validation import (
     check_bool,
     check_choice,
@@ -141,6 +142,15 @@ class ExpertConv2d(Block):
         """The expert kernels as ``(K, C_out, C_in / groups, k, k)``."""
         return self.weight.reshape(self.num_experts, self.out_channels, *self.weight.shape[1:])
 
+    @torch.no_grad()
+    def load_conv_experts(self, conv: nn.Conv2d, scale: float) -> None:
+        """Every expert := ``scale * W``, every expert bias ``scale * b`` (``conv``'s ``W, b``)."""
+        self.require_conv_kernel(conv, self.expert_weights().shape[1:])
+        self.weight.copy_((conv.weight * scale).repeat(self.num_experts, 1, 1, 1))
+        if self.bias is not None:
+            bias = torch.zeros_like(self.bias[0]) if conv.bias is None else conv.bias * scale
+            self.bias.copy_(bias.expand(self.num_experts, -1))
+
     def output_size(self, h: int, w: int) -> tuple[int, int]:
         """The convolution's output size for an ``h x w`` input."""
         span = self.dilation * (self.kernel_size - 1) + 1
@@ -212,6 +222,12 @@ class ExpertConv2d(Block):
         n, _, oh, ow = y.shape
         y = torch.matmul(routing.reshape(-1, 1, 1, k), y.reshape(n, g, k, c_out // g * oh * ow))
         return y.reshape(n, c_out, oh, ow)
+
+    def extra_flops(self, x: torch.Tensor) -> int:
+        """The routing's global average pool, one multiply-add per input value: ``2 * N*C*H*W``
+        FLOPs. The kernel aggregation (or the expert mixing) is a matmul and the convolution
+        a conv, both counted by FlopCounterMode."""
+        return 2 * map_elements(x)
 
     def mixture_conv(self, x: torch.Tensor, routing: torch.Tensor) -> torch.Tensor:
         """``conv(x_n, sum_k r_nk W_k) + sum_k r_nk b_k`` for routing ``(N, K)`` or ``(1, K)``.
@@ -303,6 +319,16 @@ class DynamicConv2d(ExpertConv2d):
         self.act = nn.ReLU()
         self.fc2 = nn.Linear(self.hidden_channels, num_experts)
         self.place(device, dtype)
+
+    conv_preservation = None
+
+    def init_from_conv(self, conv: nn.Conv2d) -> None:
+        """Softmax attention sums to 1, so experts all equal to ``W`` give ``W(x) = W`` for every x.
+
+        The attention keeps its random initialisation: the routing differs per sample and per
+        expert, so the experts' gradients differ from the first step and they diverge.
+        """
+        self.load_conv_experts(conv, 1.0)
 
     def routing(self, x: torch.Tensor) -> torch.Tensor:
         """Attention ``pi(x)`` over the kernels, ``(N, K)``, summing to 1 per sample."""
@@ -428,6 +454,29 @@ class CondConv2d(ExpertConv2d):
         self.routing_dropout = nn.Dropout(dropout)
         self.routing_fn = nn.Linear(in_channels, num_experts)
         self.place(device, dtype)
+
+    conv_preservation = None
+
+    @torch.no_grad()
+    def init_from_conv(self, conv: nn.Conv2d) -> None:
+        """Sigmoid routing need not sum to 1; pairing the routing rows makes it sum to ``E / 2``.
+
+        Routing row ``e + E//2`` is set to minus row ``e`` (weight and bias), so that
+        ``r_e + r_{e + E//2} = sigmoid(z) + sigmoid(-z) = 1`` for every input; with ``E`` odd the
+        last row is zeroed (``r = 1/2``). Then ``sum_e r_e = E / 2`` for every input and experts
+        all equal to ``(2 / E) W`` give ``W(x) = W`` exactly. The routing stays random and
+        input-dependent (half of its rows keep their initialisation), so the experts diverge from
+        the first step; zeroing the routing instead would make every expert receive the same
+        update forever.
+        """
+        fc, e = self.routing_fn, self.num_experts
+        half = e // 2
+        fc.weight[half:2 * half] = -fc.weight[:half]
+        fc.bias[half:2 * half] = -fc.bias[:half]
+        if e % 2:
+            fc.weight[-1] = 0.0
+            fc.bias[-1] = 0.0
+        self.load_conv_experts(conv, 2.0 / e)
 
     def routing(self, x: torch.Tensor) -> torch.Tensor:
         """Routing weights ``sigmoid(FC(dropout(mean_hw(x))))``, ``(N, E)``."""

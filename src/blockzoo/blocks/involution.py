@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from ..core.counting import map_elements
 from ..core.validation import check_positive_int
 from ..layers import ConvNormAct, LayerSpec
 from ..registry import register_block
@@ -216,6 +217,11 @@ class Involution(Block):
     ``in_channels``. Applied with :func:`involution2d` (offset accumulation, no unfold).
     """
 
+    conv_preservation = (
+        "its kernel is shared by all channels of a group and mixes no channels, so it cannot "
+        "express a dense convolution's cross-channel weights"
+    )
+
     allowed_strides = (1, 2)
     width = "same"
     width_reason = "preserves the channels"
@@ -275,11 +281,11 @@ class Involution(Block):
     def extra_flops(self, x: torch.Tensor) -> int:
         """FLOPs of the aggregation (2 per multiply-add), which FlopCounterMode cannot see.
 
-        Every output value sums ``K * K`` products: ``2 * N * C * Ho * Wo * K * K``.
+        Every output value sums ``K * K`` products: ``2 * N * C * Ho * Wo * K * K``; with a
+        stride, the kernel generator's ``s x s`` average pool adds one per input value.
         """
-        n, c, h, w = x.shape
-        s = self.stride
-        return 2 * n * c * (-(-h // s)) * (-(-w // s)) * self.kernel_size**2
+        pool = map_elements(x) if self.stride > 1 else 0
+        return 2 * (map_elements(x, stride=self.stride) * self.kernel_size**2 + pool)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, kernel_size={self.kernel_size}, groups={self.groups}"

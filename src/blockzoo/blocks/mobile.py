@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.counting import map_elements
 from ..core.validation import check_positive_number
 from ..layers import LayerSpec
 from ..registry import register_block
@@ -92,3 +93,7 @@ class InvertedResidual(Block):
         self.check_input(x)
         y = self.project(self.attention(self.depthwise(self.expand(x))))
         return x + y if self.use_residual else y
+
+    def extra_flops(self, x: torch.Tensor) -> int:
+        """The residual add (stride 1, same width), one per output value."""
+        return 2 * map_elements(x) if self.use_residual else 0

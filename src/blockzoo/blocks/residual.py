@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.counting import map_elements
 from ..core.validation import check_bool, check_options, check_positive_int, close_matches
 from ..layers import ConvNormAct, LayerSpec, create_act
 from ..registry import block_info, create_block, list_blocks, register_block
@@ -261,6 +262,10 @@ class ResidualBlock(Block):
         self.check_input(x)
         return self.act(self.attention(self.body(x)) + self.shortcut(x))
 
+    def extra_flops(self, x: torch.Tensor) -> int:
+        """The shortcut add, one per output value (attention blocks inside declare their own)."""
+        return 2 * map_elements(x, self.out_channels, self.stride)
+
 
 @register_block(
     "residual",
@@ -289,8 +294,9 @@ class ResidualBottleneck(ResidualBlock):
 
     ``D = floor(out / expansion * base_width / 64) * cardinality`` (torchvision's ``width``):
     ``residual`` (``expansion=4, cardinality=1, base_width=64``) gives ``D = out / 4``, as
-    in ResNet-50; ``resnext`` presets ``cardinality=32, base_width=4`` (ResNeXt 32x4d, ``D = 128`` for
-    ``out = 256``), the paper's form (c): one grouped conv equal to 32 summed paths.
+    in ResNet-50; ``resnext`` presets ``cardinality=32, base_width=4`` (ResNeXt 32x4d,
+    ``D = 128`` for ``out = 256``), the paper's form (c): one grouped conv equal to 32 summed
+    paths.
 
     ``attention`` names an attention-kind block (``"se"``, ``"gc"``, ``"coord_att"``, ...)
     built on ``out`` channels with ``attention_kwargs`` and applied after the last BN, before

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..core.counting import map_elements
 from ..core.validation import check_positive_int, check_positive_number
 from ..layers import ConvNormAct, LayerSpec, create_act
 from ..registry import register_block
@@ -68,6 +69,11 @@ class SKConv(Block):
     Shapes: ``(N, in, H, W) -> (N, out, ceil(H / s), ceil(W / s))``, stride 1 or 2. ``forward(x,
     return_attention=True)`` also returns the attention ``a`` of shape ``(N, M, out)``.
     """
+
+    conv_preservation = (
+        "its branches end in BatchNorm + ReLU and are mixed by a softmax, a non-linear function "
+        "of the input that no initialisation makes equal to a linear convolution"
+    )
 
     allowed_strides = (1, 2)
 
@@ -146,6 +152,12 @@ class SKConv(Block):
         )
         return (out, weights) if return_attention else out
 
+    def extra_flops(self, x: torch.Tensor) -> int:
+        """Per output value: ``M - 1`` adds fuse the branches into ``U``, one for the global
+        pool of ``U`` and ``M`` for the weighted sum ``sum_m a_m U_m``: ``2 * 2M * N*C*H'*W'``
+        FLOPs (``C = out_channels``)."""
+        return 2 * 2 * self.M * map_elements(x, self.out_channels, self.stride)
+
     def explain(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The branch weights ``a`` of shape ``(N, M, out_channels)`` (softmax over ``M``)."""
         return {ExplainKey.BRANCH_WEIGHTS: self(x, return_attention=True)[1]}
@@ -215,6 +227,10 @@ class SKUnit(Block):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         return self.act(self.conv3(self.sk(self.conv1(x))) + self.shortcut(x))
+
+    def extra_flops(self, x: torch.Tensor) -> int:
+        """The shortcut add, one per output value (the SKConv inside declares its own)."""
+        return 2 * map_elements(x, self.out_channels, self.stride)
 
     def explain(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The SKConv's branch weights ``(N, M, mid_channels)``."""

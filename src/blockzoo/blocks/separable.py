@@ -46,6 +46,13 @@ class SeparableConv(Block):
     1 or 2 (the strides Xception and the mobile networks use).
     """
 
+    conv_preservation = (
+        "a depthwise k x k conv followed by a pointwise 1x1 conv has kernels of the form "
+        "W[o, i] = P[o, i] * D[i], so it reproduces a dense conv only in special cases (and "
+        "BatchNorm and ReLU follow it by default)"
+    )
+    ends_with_norm_act = True
+
     allowed_strides = (1, 2)
 
     def __init__(
