@@ -114,8 +114,8 @@ def check_layer_spec(
     if isinstance(spec, nn.Module):
         _require_type(
             owner, instances,
-            f"{name} must be a {what} name, a class or a factory taking the channel count, not "
-            f"a module instance (pass {type(spec).__name__}, not {spec!r})",
+            f"{name} must be one of the {what} names, a class or a factory taking the channel "
+            f"count, not a module instance (pass {type(spec).__name__}, not {spec!r})",
         )
         return
     if isinstance(spec, str):
@@ -127,7 +127,8 @@ def check_layer_spec(
         return
     _require_type(
         owner, isinstance(spec, Callable),
-        f"{name} must be None, a {what} name, an nn.Module class or a callable, got {spec!r}",
+        f"{name} must be None, one of the {what} names, an nn.Module class or a callable, "
+        f"got {spec!r}",
     )
 
 
