@@ -196,7 +196,14 @@ def test_yaml_errors_name_the_layer_suggest_names_and_explain_the_width(yolo: ob
     assert message.startswith("layer 9 (coord_att): CoordinateAttention: ")
     assert "in_channels (256), got 32" in message
     assert "128 output channels are 32" in message and "width multiple 0.25" in message
-    assert "leave the output channels out ([])" in message
+    assert "its input has 256 channels, which it keeps: leave the output channels out ([])" \
+        in message
+    cfg["backbone"][9] = [-1, 1, "bz.dense", [128]]  # structural: 256 + 6 * 32 channels out
+    with pytest.raises(ValueError) as err:
+        tasks.DetectionModel(cfg, verbose=False)
+    message = str(err.value)
+    assert message.startswith("layer 9 (bz.dense): DenseBlock: out_channels is structural")
+    assert "128 output channels are 32" in message and "leave the output" not in message
     cfg["backbone"][9] = [-1, 1, "SPDConv", [64, 2, {"kernel_size": "3"}]]
     with pytest.raises(ValueError, match=r"^layer 9 \(SPDConv\): SPDConv: kernel_size must be"):
         tasks.DetectionModel(cfg, verbose=False)

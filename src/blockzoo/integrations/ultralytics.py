@@ -126,12 +126,10 @@ def _build(i: int, module: str, name: str, out: int | None, stride: int | None, 
             block = create_block(name, cin, None if out is None else c2, stride=stride, **options)
         except (ValueError, TypeError, KeyError) as err:
             message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-            hint = ""
-            if out is not None and c2 == cin:
-                hint = _scaling(d, out, c2)
-            elif out is not None and "in_channels" in message:
-                hint = (f"{_scaling(d, out, c2)}; its input has {cin} channels: leave the "
-                        f"output channels out ([]) for a block that keeps them")
+            hint = "" if out is None else _scaling(d, out, c2)
+            if out is not None and c2 != cin and block_info(name).width == "same":
+                hint += (f"; its input has {cin} channels, which it keeps: leave the output "
+                         f"channels out ([])")
             raise ValueError(f"layer {i} ({module}): {message}{hint}") from err
         if block.out_channels != c2:
             raise ValueError(
