@@ -132,6 +132,8 @@ class _NormalCell(Block):
             )
         if not prev.is_floating_point():
             raise ValueError(f"{name} expects a floating-point prev, got dtype {prev.dtype}")
+        if prev.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(f"{name} expects prev of x's dtype {x.dtype}, got dtype {prev.dtype}")
         if prev.shape[0] != x.shape[0] or prev.shape[2:] != x.shape[2:]:
             raise ValueError(
                 f"{name}: a normal cell keeps the spatial size, so prev must have the batch "

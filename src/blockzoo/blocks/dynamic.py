@@ -489,16 +489,22 @@ class CondConv2d(ExpertConv2d):
         if routing_weights is None:
             routing_weights = self.routing(x)
         else:
-            self._check_routing(routing_weights, x.shape[0])
+            self._check_routing(routing_weights, x)
         return self.mixture_conv(x, routing_weights)
 
-    def _check_routing(self, routing: object, batch: int) -> None:
+    def _check_routing(self, routing: object, x: torch.Tensor) -> None:
+        batch = x.shape[0]
         e = self.num_experts
         if not isinstance(routing, torch.Tensor) or not routing.is_floating_point():
             got = routing.dtype if isinstance(routing, torch.Tensor) else type(routing).__name__
             raise ValueError(
                 f"CondConv2d: routing_weights must be a floating-point tensor of shape "
                 f"({batch}, {e}) or (1, {e}), got {got}"
+            )
+        if routing.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(
+                f"CondConv2d: routing_weights must have the input's dtype {x.dtype} outside "
+                f"autocast, got {routing.dtype}"
             )
         if routing.dim() != 2 or routing.shape[0] not in (1, batch) or routing.shape[1] != e:
             raise ValueError(
