@@ -68,7 +68,7 @@ def _kind(annotation: Any, arg: str) -> str:
 #: Values that are wrong for every argument of a kind.
 BAD: dict[str, list[Any]] = {
     "int": [True, 2.5, "3", math.inf, -1],
-    "float": [True, "4", math.inf, math.nan, -1.0],
+    "float": [True, "4", math.inf, math.nan],
     "bool": ["yes", 2, None],
     "act": [3, "no_such_activation"],
     "norm": [3, "no_such_norm", nn.BatchNorm2d(8)],

@@ -11,6 +11,7 @@ from blockzoo.core.validation import (
     ArgumentTypeError,
     check_bool,
     check_choice,
+    check_finite_number,
     check_fraction,
     check_layer_spec,
     check_non_negative_int,
@@ -45,6 +46,10 @@ def test_numbers_fractions_bools_and_choices() -> None:
         check_positive_number("Owner", "r", "4")
     with pytest.raises(ValueError, match=r"r must be a finite number >= 1, got 0.5"):
         check_positive_number("Owner", "r", 0.5, minimum=1)
+    assert check_finite_number("Owner", "b", -1.5) == -1.5
+    for value in (math.inf, math.nan, "1", True):
+        with pytest.raises(ValueError, match="b must be a finite number"):
+            check_finite_number("Owner", "b", value)
     assert check_fraction("Owner", "p", 0) == 0
     for value in (1.0, -0.1, math.nan):
         with pytest.raises(ValueError, match=r"p must be a number in \[0, 1\)"):

@@ -61,6 +61,13 @@ def check_non_negative_int(owner: str, name: str, value: object) -> int:
     return value
 
 
+def check_finite_number(owner: str, name: str, value: object) -> float:
+    """``value`` if it is a finite ``int``/``float`` (``bool`` is refused), else an error."""
+    _require_type(owner, _is_number(value), f"{name} must be a finite number, got {value!r}")
+    require(owner, math.isfinite(value), f"{name} must be a finite number, got {value!r}")
+    return value
+
+
 def check_positive_number(
     owner: str, name: str, value: object, *, minimum: float | None = None
 ) -> float:
