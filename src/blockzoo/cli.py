@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import sys
@@ -143,7 +144,7 @@ def _profile_models(args: argparse.Namespace, names: list[str]) -> int:
 
 def _cmd_profile(args: argparse.Namespace) -> int:
     from .tools.networks import SOURCES, is_model_name, model_names
-    from .tools.profile import profile
+    from .tools.profile import machine_info, machine_line, profile
 
     _check_outputs(args)
     if is_model_name(args.name) or args.insert or args.replace:
@@ -164,13 +165,22 @@ def _cmd_profile(args: argparse.Namespace) -> int:
                      device=args.device, dtype=DTYPES[args.dtype], backward=args.backward,
                      warmup=args.warmup, repeat=args.min_rounds, threads=args.threads,
                      **kwargs)
-    row = result.as_row()
+    machine = machine_info(args.device, args.threads)
+
+    def render(fmt: str) -> str:
+        row = result.as_row()
+        if fmt == "json":
+            return json.dumps({"machine": machine, "result": row}, indent=2, default=str)
+        if fmt in ("markdown", "csv"):
+            return format_rows([row], fmt).rstrip("\n")
+        width = max(map(len, row))
+        return "\n".join([machine_line(machine)]
+                         + [f"{key.ljust(width)}  {value}" for key, value in row.items()])
+
     if args.save:
-        fmt = SAVE_FORMATS.get(Path(args.save).suffix.lower(), args.format)
-        Path(args.save).write_text(format_rows([row], fmt) + "\n")
-    width = max(map(len, row))
-    for key, value in row.items():
-        print(f"{key.ljust(width)}  {value}")
+        Path(args.save).write_text(
+            render(SAVE_FORMATS.get(Path(args.save).suffix.lower(), args.format)) + "\n")
+    print(render(args.format))
     return 0
 
 
@@ -189,11 +199,18 @@ def _progress(total: int, unit: str = "block"):
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
+    from .tools.networks import is_model_name
     from .tools.profile import compare, machine_info
 
     _check_outputs(args)
     if args.models:
         return _profile_models(args, list(args.models) + list(args.names))
+    networks = [n for n in args.names if is_model_name(n)]
+    if networks and not args.kind and len(networks) == len(args.names):
+        return _profile_models(args, list(args.names))
+    if networks:
+        raise ValueError(f"{', '.join(networks)}: networks and blocks cannot share one table; "
+                         "compare networks with --models (ratios against the first)")
     names = list(args.names)
     for kind in args.kind or []:
         names += [n for n in list_blocks(kind) if n not in names]
@@ -329,8 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Profile blocks side by side. Ratios (*_x) are against a "
                        "3x3 conv + BN + ReLU with the same channels and stride; latency_x is "
                        "the median of paired rounds (baseline and block alternate). With "
-                       "--models, whole networks against the first one.")
-    p.add_argument("names", nargs="*", help="block names")
+                       "--models (or network names alone), whole networks against the first "
+                       "one.")
+    p.add_argument("names", nargs="*", help="block names (or network names)")
     p.add_argument("--kind", action="append", choices=KINDS,
                    help="add every block of this kind (repeatable)")
     p.add_argument("--models", nargs="+", metavar="MODEL",

@@ -24,10 +24,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import pickle
 import random
 import re
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +33,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..core.serialization import CheckpointError, first_line, safe_torch_load
+
 CHECKSUM = "checksum"
 _TEMPORARY = re.compile(r"^\..+\.(\d+)\.tmp$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint or weights file that cannot be used (corrupt, truncated, refused)."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -140,39 +136,6 @@ def save_checkpoint(state: dict[str, Any], path: str | Path,
             tmp.unlink()
     _fsync_dir(path.parent)
     return path
-
-
-def safe_torch_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
-    """``torch.load(path, weights_only=True)`` with one-line errors (:class:`CheckpointError`).
-
-    A file that needs pickled code (a class, a function) is refused with blockzoo's message; a
-    file that is not a readable ``torch.save`` archive (empty, truncated, damaged) is called
-    corrupt. Both name the file.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        if "GLOBAL" in str(err):
-            found = re.search(r"GLOBAL (\S+)", str(err))
-            what = f" ({found.group(1)})" if found else ""
-            raise CheckpointError(
-                f"{path}: refused to load: it holds pickled Python objects{what}, not only "
-                f"tensors and plain values, and loading those can run arbitrary code. Load "
-                f"only files you trust; blockzoo's checkpoints never need this"
-            ) from None
-        raise CheckpointError(f"{path} is corrupt: {_first_line(err)}") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, KeyError, ValueError, OSError) as err:
-        reason = ("empty file" if path.stat().st_size == 0 else
-                  f"not a complete torch.save archive: {_first_line(err) or type(err).__name__}")
-        raise CheckpointError(f"{path} is corrupt or truncated ({reason})") from None
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().split("\n")[0]
-    return text.split(". ")[0][:160]
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -284,7 +247,7 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
             metadata = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{path} is corrupt or truncated ({_first_line(err)})") from None
+        raise CheckpointError(f"{path} is corrupt or truncated ({first_line(err)})") from None
     expected = metadata.get(CHECKSUM)
     if expected is not None and content_digest(dict(sorted(tensors.items()))) != expected:
         raise CheckpointError(f"{path} is corrupt: its tensors do not match its checksum")
