@@ -93,9 +93,13 @@ def _build(name: str, **kwargs: Any) -> nn.Module:
 
 
 def _forward(name: str, block: nn.Module) -> torch.Tensor:
+    """The block on a ``(2, C, 8, 8)`` input (and a cell's second input, ``prev``)."""
     x = torch.randn(2, main_config(name).in_channels, 8, 8)
+    inputs = [x]
+    if hasattr(block, "prev_channels"):
+        inputs.append(torch.randn(2, block.prev_channels, 8, 8))
     with torch.no_grad():
-        return block.eval()(x)
+        return block.eval()(*inputs)
 
 
 def _block_classes() -> set[str]:
