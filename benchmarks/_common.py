@@ -26,13 +26,15 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
-def time_interleaved(
+def sample_interleaved(
     steps: dict[str, Step], rounds: int, target_s: float = 0.0
-) -> dict[str, float]:
-    """Median seconds per call of every step, timed round-robin so that load hits them alike.
+) -> dict[str, list[float]]:
+    """Seconds per call of every step in each of ``rounds`` round-robin rounds.
 
-    Each step runs once as warm-up; with ``target_s > 0`` every sample repeats the step enough
-    times to last about ``target_s`` (for steps too short to time one by one).
+    Load from other processes then hits every step alike; the order of the steps is reversed
+    every other round so that none always runs first. Each step runs once as warm-up; with
+    ``target_s > 0`` every sample repeats the step enough times to last about ``target_s`` (for
+    steps too short to time one by one).
     """
     calls = {}
     for name, step in steps.items():
@@ -42,12 +44,21 @@ def time_interleaved(
             step()
         calls[name] = max(1, round(target_s / max(time.perf_counter() - start, 1e-6)))
     samples: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
+    order = list(steps.items())
+    for r in range(rounds):
+        for name, step in order if r % 2 == 0 else order[::-1]:
             start = time.perf_counter()
             for _ in range(calls[name]):
                 step()
             samples[name].append((time.perf_counter() - start) / calls[name])
+    return samples
+
+
+def time_interleaved(
+    steps: dict[str, Step], rounds: int, target_s: float = 0.0
+) -> dict[str, float]:
+    """Median seconds per call of every step, timed round-robin (see :func:`sample_interleaved`)."""
+    samples = sample_interleaved(steps, rounds, target_s)
     return {name: statistics.median(s) for name, s in samples.items()}
 
 

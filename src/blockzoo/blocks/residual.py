@@ -117,10 +117,12 @@ def bottleneck_body(
         )
     else:
         _registered(block, "conv", conv, "conv")
+        norm = create_norm(norm_layer if conv_norm_act else None, width)
         conv2 = nn.Sequential(OrderedDict(
             conv=create_block(conv, width, width, block.stride, **(conv_kwargs or {})),
-            bn=create_norm(norm_layer if conv_norm_act else None, width),
-            act=create_act(act_layer if conv_norm_act else None),
+            bn=norm,
+            act=create_act(act_layer if conv_norm_act else None,
+                           inplace=not isinstance(norm, nn.Identity)),
         ))
     return nn.Sequential(OrderedDict(
         conv1=ConvNormAct(block.in_channels, width, 1, norm_layer=norm_layer, act_layer=act_layer),
@@ -210,7 +212,7 @@ class ResidualBlock(Block):
                 self.in_channels, self.out_channels, 1, self.stride,
                 norm_layer=norm_layer, act_layer=None,
             )
-        self.act = create_act(act_layer)
+        self.act = create_act(act_layer, inplace=True)
         if zero_init_last:
             last_norm = body[-1].bn
             self.require(
@@ -221,6 +223,8 @@ class ResidualBlock(Block):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
+        # The activation runs in place on the fresh sum; the branch and shortcut outputs (which
+        # forward hooks may hold) and ``x`` are never written.
         return self.act(self.attention(self.body(x)) + self.shortcut(x))
 
 

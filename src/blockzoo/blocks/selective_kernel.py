@@ -220,7 +220,7 @@ class SKUnit(Block):
             self.shortcut = ConvNormAct(
                 in_channels, out, 1, stride, norm_layer=norm_layer, act_layer=None
             )
-        self.act = create_act(act_layer)
+        self.act = create_act(act_layer, inplace=True)
         self.place(device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
