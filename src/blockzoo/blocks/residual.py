@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks
 
 from ..layers import ConvNormAct, LayerSpec, create_act, create_norm
 from ..registry import block_info, create_block, list_blocks, register_block
@@ -223,9 +224,39 @@ class ResidualBlock(Block):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        # The activation runs in place on the fresh sum; the branch and shortcut outputs (which
-        # forward hooks may hold) and ``x`` are never written.
-        return self.act(self.attention(self.body(x)) + self.shortcut(x))
+        out = self.attention(self.body(x))
+        shortcut = self.shortcut(x)
+        if self._add_in_place(out, shortcut):
+            out += shortcut
+        else:
+            out = out + shortcut
+        return self.act(out)
+
+    def _add_in_place(self, out: torch.Tensor, shortcut: torch.Tensor) -> bool:
+        """Whether the shortcut may be added into the branch output ``out`` in place.
+
+        Only when nothing can read ``out`` afterwards: no autograd (a user's attention block may
+        save its own output for the backward pass), no forward hook inside the block or global
+        one (a hook may keep the output), the same dtype (the sum would otherwise be promoted),
+        and not while ``torch.compile`` traces (it plans its own buffers). Inference then
+        allocates no tensor for the sum, as torchvision's ``out += identity``. ``x`` is never
+        written; the activation after the add runs in place either way.
+        """
+        return (
+            not (torch.is_grad_enabled() and out.requires_grad)
+            and out.dtype == shortcut.dtype
+            and not torch.compiler.is_compiling()
+            and not _global_forward_hooks
+            and not _has_forward_hook(self)
+        )
+
+
+def _has_forward_hook(module: nn.Module) -> bool:
+    """True when ``module`` or any module inside it has a forward hook."""
+    if module._forward_hooks:
+        return True
+    return any(child is not None and _has_forward_hook(child)
+               for child in module._modules.values())
 
 
 @register_block(

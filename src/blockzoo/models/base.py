@@ -11,6 +11,12 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.nn.modules.module import (
+    _global_backward_hooks,
+    _global_backward_pre_hooks,
+    _global_forward_hooks,
+    _global_forward_pre_hooks,
+)
 
 from ..blocks.base import check_input
 from ..core.validation import require
@@ -95,13 +101,30 @@ class StagedNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The stage outputs, at strides ``feature_strides``."""
+        return self._run_stages(x, keep_all=True)
+
+    def _run_stages(self, x: torch.Tensor, keep_all: bool) -> list[torch.Tensor]:
+        """Stem and stages; every stage output when ``keep_all``, else the last one alone.
+
+        A module call keeps its input alive until it returns, so ``stage(x)`` would hold the
+        stage's input (for the first stage, the large stem output) through all of the stage's
+        blocks. A plain ``nn.Sequential`` stage with no hooks is therefore run here block by
+        block, which is what its call would do, and its input is released after the first
+        block; a stage with hooks (or under global module hooks or ``torch.jit`` tracing) is
+        called as a module.
+        """
         check_input(self, x, self.in_chans)
         x = self.stem(x)
         features = []
         for stage in self.stages:
-            x = stage(x)
-            features.append(x)
-        return features
+            if runs_as_plain_sequential(stage):
+                for block in stage:
+                    x = block(x)
+            else:
+                x = stage(x)
+            if keep_all:
+                features.append(x)
+        return features if keep_all else [x]
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         """Logits from the last stage output: ``fc(dropout(mean_hw(head_conv(x))))``."""
@@ -109,10 +132,26 @@ class StagedNet(nn.Module):
         return self.fc(self.drop(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
-        features = self.forward_features(x)
         if self.features_only:
-            return features
-        return self.forward_head(features[-1])
+            return self._run_stages(x, keep_all=True)
+        return self.forward_head(self._run_stages(x, keep_all=False)[-1])
+
+
+def runs_as_plain_sequential(module: nn.Module) -> bool:
+    """True when calling ``module`` would do nothing but ``nn.Sequential.forward``.
+
+    That is: ``module`` is an ``nn.Sequential`` (not a subclass), has no forward or backward
+    hooks, no global module hooks are registered and ``torch.jit`` is not tracing (tracing
+    records module scopes through the call).
+    """
+    return (
+        type(module) is nn.Sequential
+        and not (module._forward_pre_hooks or module._forward_hooks
+                 or module._backward_pre_hooks or module._backward_hooks)
+        and not (_global_forward_pre_hooks or _global_forward_hooks
+                 or _global_backward_pre_hooks or _global_backward_hooks)
+        and not torch.jit.is_tracing()
+    )
 
 
 def init_conv_norm_act(model: nn.Module) -> None:
