@@ -1,39 +1,41 @@
 """blockzoo's networks against their twins in torchvision and timm, on CPU.
 
-Pairs (a twin must have exactly the same parameter count, checked before timing):
+Twins (a twin must have exactly the same parameter count, checked before timing):
 
 - ``resnet50`` against torchvision's ``resnet50`` and timm's ``resnet50``;
 - ``mobilenetv2`` against torchvision's ``mobilenet_v2`` and timm's ``mobilenetv2_100``;
 - ``se_resnet50`` against timm's ``seresnet50`` (SE with reduction 16 and biased FCs after the
   last BN of every bottleneck, as blockzoo's).
 
-Passes: forward in eval mode under ``torch.no_grad()`` at batch 8, and forward + backward
-(``out.sum().backward()``) in train mode at batch 4, 224 x 224, with 1 and 2 torch threads.
-Every round times blockzoo and each twin once, one after the other (the order reversed every
-other round), so load from other processes hits both; the table gives the median over the rounds
-of the per-round ratio ``blockzoo / twin`` (below 1: blockzoo is faster) and its spread (the
-lowest and highest per-round ratio). Forward peak memory is the peak of live bytes allocated
-during one eval forward at batch 8 above what was live before it (torch profiler memory events,
-``blockzoo.tools.profile.peak_memory``; the input and the parameters are not counted).
+Passes: forward in eval mode under ``torch.no_grad()`` at batch 8, and forward + backward (of
+the output's sum) in train mode at batch 4, 224 x 224, with 1 and 2 torch threads. Each pair is
+timed by ``blockzoo.tools.profile.compare_models``: twin and blockzoo alternate in rounds in one
+process (the order swapped every round), each round gives the ratio ``blockzoo / twin`` (below
+1: blockzoo is faster), and the table gives the median ratio with its bootstrap 95% interval.
+With one thread a sample is the thread's CPU time, with two it is wall-clock time. Peak memory
+is the peak of live bytes allocated during one pass above what was live before it (torch
+profiler memory events, ``blockzoo.tools.profile.peak_memory``; input and parameters excluded).
 
-    python benchmarks/bench_models.py            # the table in docs/benchmarks.md
-    python benchmarks/bench_models.py --quick    # a smoke run (2 rounds, 1 thread)
+    python benchmarks/bench_models.py                              # the table (< 6 min idle)
+    python benchmarks/bench_models.py --doc docs/benchmarks.md     # and put it in the doc
+    python benchmarks/bench_models.py --quick                      # smoke run: 1 thread, 112x112
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import timm
 import torch
 import torchvision
-from _common import Step, cpu_model, peak_bytes, sample_interleaved
 from torch import nn
 
 import blockzoo as bz
-from blockzoo.core.formatting import format_rows
+from blockzoo.core import count_parameters, format_rows, replace_between_markers
+from blockzoo.tools.profile import compare_models, load_average, machine_info
 
 #: blockzoo model name -> its twins: (label, builder).
 TWINS: dict[str, list[tuple[str, Callable[[], nn.Module]]]] = {
@@ -50,114 +52,110 @@ TWINS: dict[str, list[tuple[str, Callable[[], nn.Module]]]] = {
     ],
 }
 
-FORWARD_BATCH, TRAIN_BATCH, SIZE = 8, 4, 224
+#: pass name -> (batch, backward)
+PASSES = {"fwd": (8, False), "fwd+bwd": (4, True)}
+MARKERS = ("<!-- bench-models:start -->", "<!-- bench-models:end -->")
 
 
-def count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+def _load(value: float | None) -> str:
+    return "unknown" if value is None else f"{value:.1f}"
 
 
-def forward_step(model: nn.Module, x: torch.Tensor) -> Step:
-    def step() -> None:
-        with torch.no_grad():
-            model(x)
+def build_pairs(names: list[str]) -> list[tuple[str, nn.Module, str, nn.Module]]:
+    """``(name, blockzoo model, twin label, twin)`` for every twin with the same parameters."""
+    pairs = []
+    for name in names:
+        torch.manual_seed(0)
+        mine = bz.create_model(name)
+        for label, build in TWINS[name]:
+            twin = build()
+            if count_parameters(twin) != count_parameters(mine):
+                print(f"skipped {label}: {count_parameters(twin):,} parameters, blockzoo "
+                      f"{name} has {count_parameters(mine):,}")
+                continue
+            pairs.append((name, mine, label, twin))
+    return pairs
 
-    return step
 
-
-def train_step(model: nn.Module, x: torch.Tensor) -> Step:
-    def step() -> None:
-        model(x).sum().backward()
-        model.zero_grad(set_to_none=True)
-
-    return step
-
-
-def ratio_summary(mine: list[float], theirs: list[float]) -> tuple[float, float, float]:
-    ratios = [a / b for a, b in zip(mine, theirs, strict=True)]
-    return statistics.median(ratios), min(ratios), max(ratios)
+def measure(
+    pairs: list[tuple[str, nn.Module, str, nn.Module]],
+    threads: list[int],
+    passes: list[str],
+    size: int,
+    budget: float,
+    min_rounds: int,
+) -> list[dict]:
+    rows = []
+    for n_threads in threads:
+        for name, mine, label, twin in pairs:
+            for pass_name in passes:
+                batch, backward = PASSES[pass_name]
+                twin_row, mine_row = compare_models(
+                    [(label, twin), (name, mine)], input_size=(batch, 3, size, size),
+                    backward=backward, threads=n_threads, budget=budget, min_rounds=min_rounds,
+                    tolerance=0.02,
+                )
+                rows.append({
+                    "model": name,
+                    "twin": label,
+                    "threads": n_threads,
+                    "pass": pass_name,
+                    "batch": batch,
+                    "twin ms": f"{twin_row['machine_ms']:.1f}",
+                    "blockzoo ms": f"{mine_row['machine_ms']:.1f}",
+                    "blockzoo / twin [95%]": f"{mine_row['latency_x']:.3f} "
+                    f"[{mine_row['latency_x_low']:.3f}, {mine_row['latency_x_high']:.3f}]",
+                    "rounds": mine_row["rounds"],
+                    "twin MiB": f"{twin_row['peak_mem_mb']:.1f}",
+                    "blockzoo MiB": f"{mine_row['peak_mem_mb']:.1f}",
+                    "memory x": f"{mine_row['memory_x']:.3f}",
+                    "warning": mine_row["warning"],
+                })
+                print("  ".join(str(v) for v in rows[-1].values()), flush=True)
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="2 rounds, 1 thread: a smoke run")
-    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default 7)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 1 thread, 112x112, short budget (not representative)")
     parser.add_argument("--threads", default="1,2", help="torch thread counts (default 1,2)")
     parser.add_argument("--models", default=",".join(TWINS),
-                        help=f"blockzoo models to compare (default {','.join(TWINS)})")
-    parser.add_argument("--passes", default="fwd,fwd+bwd", help="fwd, fwd+bwd or both")
+                        help=f"blockzoo models (default {','.join(TWINS)})")
+    parser.add_argument("--passes", default=",".join(PASSES), help="fwd, fwd+bwd or both")
+    parser.add_argument("--budget", type=float, default=8.0,
+                        help="seconds of paired rounds per pair (default 8)")
+    parser.add_argument("--min-rounds", type=int, default=5, help="rounds at least (default 5)")
+    parser.add_argument("--doc", type=Path, help="also write the table between the "
+                        f"{MARKERS[0]} markers of this file")
     args = parser.parse_args()
-    rounds = 2 if args.quick else args.rounds
-    threads = [1] if args.quick else [int(t) for t in args.threads.split(",")]
-    passes = args.passes.split(",")
-    names = args.models.split(",")
-    unknown = sorted(set(names) - set(TWINS)) + sorted(set(passes) - {"fwd", "fwd+bwd"})
+    names, passes = args.models.split(","), args.passes.split(",")
+    unknown = sorted(set(names) - set(TWINS)) + sorted(set(passes) - set(PASSES))
     if unknown:
-        parser.error(f"unknown model or pass {unknown}; models: {list(TWINS)}, "
-                     f"passes: fwd, fwd+bwd")
+        parser.error(f"unknown model or pass {unknown}; models: {', '.join(TWINS)}; "
+                     f"passes: {', '.join(PASSES)}")
+    threads = [1] if args.quick else [int(t) for t in args.threads.split(",")]
+    size, budget = (112, 0.5) if args.quick else (224, args.budget)
+    min_rounds = 3 if args.quick else args.min_rounds
 
-    torch.manual_seed(0)
-    models: dict[str, tuple[nn.Module, list[tuple[str, nn.Module]]]] = {}
-    for name in names:
-        mine = bz.create_model(name)
-        twins = []
-        for label, build in TWINS[name]:
-            twin = build()
-            if count(twin) != count(mine):
-                print(f"skipped {label}: {count(twin):,} parameters, {name} has "
-                      f"{count(mine):,}")
-                continue
-            twins.append((label, twin))
-        models[name] = (mine, twins)
-
-    print(f"CPU: {cpu_model()}, torch {torch.__version__}, torchvision "
-          f"{torchvision.__version__}, timm {timm.__version__}; {rounds} interleaved rounds")
-    x_fwd = torch.randn(FORWARD_BATCH, 3, SIZE, SIZE)
-    x_train = torch.randn(TRAIN_BATCH, 3, SIZE, SIZE)
-    rows = []
-    for n_threads in threads:
-        torch.set_num_threads(n_threads)
-        for name, (mine, twins) in models.items():
-            for pass_name in passes:
-                train = pass_name == "fwd+bwd"
-                make = train_step if train else forward_step
-                x = x_train if train else x_fwd
-                steps = {}
-                for label, model in [("blockzoo", mine), *twins]:
-                    model.train(train)
-                    steps[label] = make(model, x)
-                samples = sample_interleaved(steps, rounds)
-                for label, _ in twins:
-                    median, low, high = ratio_summary(samples["blockzoo"], samples[label])
-                    rows.append({
-                        "model": name, "twin": label, "threads": n_threads, "pass": pass_name,
-                        "batch": x.shape[0],
-                        "blockzoo ms": f"{statistics.median(samples['blockzoo']) * 1e3:.1f}",
-                        "twin ms": f"{statistics.median(samples[label]) * 1e3:.1f}",
-                        "blockzoo / twin": f"{median:.3f}", "spread": f"{low:.3f}-{high:.3f}",
-                    })
-                    print("  ".join(str(v) for v in rows[-1].values()), flush=True)
+    start, load_before = time.perf_counter(), load_average()
+    info = machine_info("cpu", threads[0])
+    print(f"CPU: {info['cpu']}, {info['cores']} cores, torch {torch.__version__}, torchvision "
+          f"{torchvision.__version__}, timm {timm.__version__}; load average {load_before}")
+    rows = measure(build_pairs(names), threads, passes, size, budget, min_rounds)
+    table = format_rows(rows, "markdown")
+    minutes = (time.perf_counter() - start) / 60
+    footer = (f"CPU {info['cpu']} ({info['cores']} cores), torch {torch.__version__}; "
+              f"{size}x{size}; 1-minute load average {_load(load_before)} before, "
+              f"{_load(load_average())} "
+              f"after; {minutes:.1f} min.")
     print()
-    print(format_rows(rows, "markdown"))
-
-    torch.set_num_threads(threads[0])
-    memory_rows = []
-    for name, (mine, twins) in models.items():
-        mine.eval()
-        mine_bytes = peak_bytes(forward_step(mine, x_fwd))
-        for label, model in twins:
-            model.eval()
-            theirs = peak_bytes(forward_step(model, x_fwd))
-            memory_rows.append({
-                "model": name, "twin": label, "blockzoo MiB": f"{mine_bytes / 2**20:.1f}",
-                "twin MiB": f"{theirs / 2**20:.1f}",
-                "blockzoo / twin": f"{mine_bytes / theirs:.3f}",
-            })
+    print(table)
     print()
-    print(f"Forward peak memory (eval, no_grad, batch {FORWARD_BATCH}, {SIZE}x{SIZE}, "
-          f"{threads[0]} thread(s))")
-    print()
-    print(format_rows(memory_rows, "markdown"))
+    print(footer)
+    if args.doc:
+        replace_between_markers(args.doc, *MARKERS, f"{table}\n\n{footer}")
+        print(f"wrote the table into {args.doc}")
 
 
 if __name__ == "__main__":

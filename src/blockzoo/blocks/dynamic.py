@@ -22,14 +22,11 @@ its weight):
   channels, and their outputs are mixed per sample with one batched matmul. It costs ``K`` times
   the convolution's arithmetic and ``K`` times its output memory, but uses the ordinary batched
   convolution kernels.
-- ``"auto"`` (default) picks ``"mix"`` only where it was measured faster on CPU (float32, one
-  thread, forward and forward+backward): batch ``N >= 16``, output map of at most ``8 x 8``
-  positions, ``k > 1``, ``groups == 1`` and ``K <= 4``. There the grouped convolution with
-  ``N`` groups is slow: at ``N=32``, 7x7 maps, 3x3 and 256 channels "mix" took 0.5x the time of
-  "aggregate" (64 channels: 1.04x forward, 0.6x forward+backward). Everywhere else measured
-  (64 and 256 channels, 7x7 to 28x28 maps, batch 8 and 32, 1x1 and 3x3) "mix" took 1.0x to 7.9x
-  the time of "aggregate". The rule lives in :meth:`ExpertConv2d.choose_strategy`;
-  ``benchmarks/bench_dynamic_conv.py --strategies`` re-measures it.
+- ``"auto"`` (default) picks ``"mix"`` only where it measured faster on CPU: batch
+  ``N >= 16``, output map of at most ``8 x 8`` positions, ``k > 1``, ``groups == 1`` and
+  ``K <= 4``, where the grouped convolution with ``N`` groups is slow. The rule lives in
+  :meth:`ExpertConv2d.choose_strategy`; the measurements behind it are in docs/benchmarks.md
+  ("The strategy="auto" rule", re-measured by ``benchmarks/bench_dynamic_conv.py --strategies``).
 
 While exporting (``torch.export``, and so the ONNX exporter) the ``"mix"`` strategy is always
 used: ONNX ``Conv``'s ``group`` attribute is a constant, so a grouped convolution whose group
@@ -45,10 +42,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.counting import map_elements
 from ..core.validation import check_positive_int
 from ..layers import LayerSpec, create_act, create_norm, same_padding
 from ..registry import register_block
-from .base import Block
+from .base import Block, ExplainKey
 
 Strategy = Literal["auto", "aggregate", "mix"]
 STRATEGIES: tuple[str, ...] = ("auto", "aggregate", "mix")
@@ -137,6 +135,15 @@ class ExpertConv2d(Block):
         """The expert kernels as ``(K, C_out, C_in / groups, k, k)``."""
         return self.weight.reshape(self.num_experts, self.out_channels, *self.weight.shape[1:])
 
+    @torch.no_grad()
+    def load_conv_experts(self, conv: nn.Conv2d, scale: float) -> None:
+        """Every expert := ``scale * W``, every expert bias ``scale * b`` (``conv``'s ``W, b``)."""
+        self.require_conv_kernel(conv, self.expert_weights().shape[1:])
+        self.weight.copy_((conv.weight * scale).repeat(self.num_experts, 1, 1, 1))
+        if self.bias is not None:
+            bias = torch.zeros_like(self.bias[0]) if conv.bias is None else conv.bias * scale
+            self.bias.copy_(bias.expand(self.num_experts, -1))
+
     def output_size(self, h: int, w: int) -> tuple[int, int]:
         """The convolution's output size for an ``h x w`` input."""
         span = self.dilation * (self.kernel_size - 1) + 1
@@ -204,6 +211,12 @@ class ExpertConv2d(Block):
         y = torch.matmul(routing.reshape(-1, 1, 1, k), y.reshape(n, g, k, -1))
         return y.reshape(n, c_out, oh, ow)
 
+    def extra_flops(self, x: torch.Tensor) -> int:
+        """The routing's global average pool, one multiply-add per input value: ``2 * N*C*H*W``
+        FLOPs. The kernel aggregation (or the expert mixing) is a matmul and the convolution
+        a conv, both counted by FlopCounterMode."""
+        return 2 * map_elements(x)
+
     def mixture_conv(self, x: torch.Tensor, routing: torch.Tensor) -> torch.Tensor:
         """``conv(x_n, sum_k r_nk W_k) + sum_k r_nk b_k`` for routing ``(N, K)`` or ``(1, K)``.
 
@@ -213,6 +226,19 @@ class ExpertConv2d(Block):
             return self._mix(x, routing)
         return self._aggregate(x, routing)
 
+    def routing(self, x: torch.Tensor) -> torch.Tensor:
+        """Routing weights ``(N, K)`` for input ``x`` (each subclass's own rule)."""
+        raise NotImplementedError
+
+    def explain(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Routing weights ``(N, K)`` and aggregated kernels ``(N, C_out, C_in/g, k, k)``."""
+        self.check_input(x)
+        routing = self.routing(x)
+        return {
+            ExplainKey.ROUTING_WEIGHTS: routing,
+            ExplainKey.KERNELS: self.aggregate_kernels(routing)[0],
+        }
+
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, kernel_size={self.kernel_size}, padding={self.padding}, "
@@ -221,7 +247,7 @@ class ExpertConv2d(Block):
         )
 
 
-_CONV = dict(kind="conv", width="free", example_in=16, example_out=24)
+_CONV = dict(kind="conv")
 
 
 @register_block(
@@ -283,6 +309,16 @@ class DynamicConv2d(ExpertConv2d):
         self.fc2 = nn.Linear(self.hidden_channels, num_experts)
         self.place(device, dtype)
 
+    conv_preservation = None
+
+    def init_from_conv(self, conv: nn.Conv2d) -> None:
+        """Softmax attention sums to 1, so experts all equal to ``W`` give ``W(x) = W`` for every x.
+
+        The attention keeps its random initialisation: the routing differs per sample and per
+        expert, so the experts' gradients differ from the first step and they diverge.
+        """
+        self.load_conv_experts(conv, 1.0)
+
     def routing(self, x: torch.Tensor) -> torch.Tensor:
         """Attention ``pi(x)`` over the kernels, ``(N, K)``, summing to 1 per sample."""
         logits = self.fc2(self.act(self.fc1(x.mean(dim=(2, 3)))))
@@ -291,12 +327,6 @@ class DynamicConv2d(ExpertConv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         return self.mixture_conv(x, self.routing(x))
-
-    def explain(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Routing weights ``(N, K)`` and aggregated kernels ``(N, C_out, C_in/g, k, k)``."""
-        self.check_input(x)
-        routing = self.routing(x)
-        return {"routing_weights": routing, "kernels": self.aggregate_kernels(routing)[0]}
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, temperature={self.temperature}"
@@ -309,7 +339,6 @@ class DynamicConv2d(ExpertConv2d):
     arxiv="1912.03458",
     year=2020,
     summary="DY-Conv followed by BatchNorm and ReLU, the form the paper always uses.",
-    width="free",
     notes="exports with the 'mix' strategy (ONNX Conv groups cannot follow a dynamic batch).",
 )
 class DynamicConvBnAct(Block):
@@ -414,6 +443,29 @@ class CondConv2d(ExpertConv2d):
         self.routing_fn = nn.Linear(in_channels, num_experts)
         self.place(device, dtype)
 
+    conv_preservation = None
+
+    @torch.no_grad()
+    def init_from_conv(self, conv: nn.Conv2d) -> None:
+        """Sigmoid routing need not sum to 1; pairing the routing rows makes it sum to ``E / 2``.
+
+        Routing row ``e + E//2`` is set to minus row ``e`` (weight and bias), so that
+        ``r_e + r_{e + E//2} = sigmoid(z) + sigmoid(-z) = 1`` for every input; with ``E`` odd the
+        last row is zeroed (``r = 1/2``). Then ``sum_e r_e = E / 2`` for every input and experts
+        all equal to ``(2 / E) W`` give ``W(x) = W`` exactly. The routing stays random and
+        input-dependent (half of its rows keep their initialisation), so the experts diverge from
+        the first step; zeroing the routing instead would make every expert receive the same
+        update forever.
+        """
+        fc, e = self.routing_fn, self.num_experts
+        half = e // 2
+        fc.weight[half:2 * half] = -fc.weight[:half]
+        fc.bias[half:2 * half] = -fc.bias[:half]
+        if e % 2:
+            fc.weight[-1] = 0.0
+            fc.bias[-1] = 0.0
+        self.load_conv_experts(conv, 2.0 / e)
+
     def routing(self, x: torch.Tensor) -> torch.Tensor:
         """Routing weights ``sigmoid(FC(dropout(mean_hw(x))))``, ``(N, E)``."""
         return torch.sigmoid(self.routing_fn(self.routing_dropout(x.mean(dim=(2, 3)))))
@@ -441,12 +493,6 @@ class CondConv2d(ExpertConv2d):
                 f"CondConv2d: routing_weights must have shape (N, num_experts) = ({batch}, {e}) "
                 f"or (1, {e}), got {tuple(routing.shape)}"
             )
-
-    def explain(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Routing weights ``(N, E)`` and aggregated kernels ``(N, C_out, C_in/g, k, k)``."""
-        self.check_input(x)
-        routing = self.routing(x)
-        return {"routing_weights": routing, "kernels": self.aggregate_kernels(routing)[0]}
 
 
 def _valid_temperature(t: object) -> bool:

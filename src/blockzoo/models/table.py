@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from ..core.counting import count_flops
 from ..core.formatting import format_rows, replace_between_markers
@@ -27,10 +28,16 @@ def _figure(value: float | None) -> str:
     return "" if value is None else f"{value:g}"
 
 
-def model_rows(names: list[str] | None = None) -> list[dict[str, Any]]:
-    """One row per model: measured parameters and FLOPs, and the paper's figures."""
+def model_rows(names: list[str] | None = None, progress: bool = False) -> list[dict[str, Any]]:
+    """One row per model: measured parameters and FLOPs, and the paper's figures.
+
+    ``progress=True`` draws a progress bar (model name, count, time) on stderr.
+    """
     rows = []
-    for name in names or list_models():
+    names = names or list_models()
+    bar = tqdm(names, desc="models", unit="model", file=sys.stderr, disable=not progress)
+    for name in bar:
+        bar.set_postfix_str(name)
         cfg = model_info(name).default_cfg
         model = create_model(name, num_classes=cfg["num_classes"]).eval()
         params = sum(p.numel() for p in model.parameters())
@@ -54,20 +61,20 @@ def model_rows(names: list[str] | None = None) -> list[dict[str, Any]]:
     return rows
 
 
-def model_table(fmt: str = "markdown") -> str:
+def model_table(fmt: str = "markdown", progress: bool = False) -> str:
     """:func:`model_rows` rendered by :func:`~blockzoo.core.format_rows`."""
-    return format_rows(model_rows(), fmt)
+    return format_rows(model_rows(progress=progress), fmt)
 
 
-def update_doc(path: Path) -> bool:
+def update_doc(path: Path, progress: bool = False) -> bool:
     """Rewrite the table between the markers in ``path``; True when it changed."""
-    return replace_between_markers(path, START, END, model_table())
+    return replace_between_markers(path, START, END, model_table(progress=progress))
 
 
 if __name__ == "__main__":
     torch.manual_seed(0)
     if len(sys.argv) > 1:
-        changed = update_doc(Path(sys.argv[1]))
+        changed = update_doc(Path(sys.argv[1]), progress=True)
         print(f"{sys.argv[1]}: model table " + ("updated" if changed else "already current"))
     else:
-        print(model_table())
+        print(model_table(progress=True))
