@@ -106,9 +106,9 @@ def measure(
                     "blockzoo / twin [95%]": f"{mine_row['latency_x']:.3f} "
                     f"[{mine_row['latency_x_low']:.3f}, {mine_row['latency_x_high']:.3f}]",
                     "rounds": mine_row["rounds"],
-                    "twin MiB": f"{twin_row['peak_mem_mb']:.1f}",
-                    "blockzoo MiB": f"{mine_row['peak_mem_mb']:.1f}",
-                    "memory x": f"{mine_row['memory_x']:.3f}",
+                    "twin peak MiB": f"{twin_row['peak_mem_mb']:.1f}",
+                    "blockzoo peak MiB": f"{mine_row['peak_mem_mb']:.1f}",
+                    "peak x": f"{mine_row['memory_x']:.3f}",
                     "warning": mine_row["warning"],
                 })
                 print("  ".join(str(v) for v in rows[-1].values()), flush=True)
@@ -141,14 +141,13 @@ def main() -> None:
     start, load_before = time.perf_counter(), load_average()
     info = machine_info("cpu", threads[0])
     print(f"CPU: {info['cpu']}, {info['cores']} cores, torch {torch.__version__}, torchvision "
-          f"{torchvision.__version__}, timm {timm.__version__}; load average {load_before}")
+          f"{torchvision.__version__}, timm {timm.__version__}; load average {_load(load_before)}")
     rows = measure(build_pairs(names), threads, passes, size, budget, min_rounds)
     table = format_rows(rows, "markdown")
     minutes = (time.perf_counter() - start) / 60
     footer = (f"CPU {info['cpu']} ({info['cores']} cores), torch {torch.__version__}; "
               f"{size}x{size}; 1-minute load average {_load(load_before)} before, "
-              f"{_load(load_average())} "
-              f"after; {minutes:.1f} min.")
+              f"{_load(load_average())} after; {minutes:.1f} min.")
     print()
     print(table)
     print()
