@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn.modules.module import _global_forward_hooks
 
 from ..core.counting import map_elements
-from ..layers import ConvNormAct, LayerSpec, create_act
+from ..layers import ConvNormAct, LayerNorm2d, LayerSpec, create_act
 from ..registry import block_info, create_block, list_blocks, register_block
 from .base import Block
 
@@ -269,24 +269,41 @@ class ResidualBlock(Block):
     def _add_in_place(self, out: torch.Tensor, shortcut: torch.Tensor) -> bool:
         """Whether the shortcut may be added into the branch output ``out`` in place.
 
-        Only when nothing can read ``out`` afterwards: no autograd (a user's attention block may
-        save its own output for the backward pass), no forward hook inside the block or global
+        Only when nothing can read ``out`` afterwards: no forward hook inside the block or global
         one (a hook may keep the output), the same dtype (the sum would otherwise be promoted),
-        and not while ``torch.compile`` traces (it plans its own buffers). Inference then
-        allocates no tensor for the sum, as torchvision's ``out += identity``. ``x`` is never
-        written; the activation after the add runs in place either way.
+        not while ``torch.compile`` traces (it plans its own buffers), and either no autograd or
+        a branch that ends in a norm layer (no attention block; the norm's backward pass does
+        not read its output, whereas a user's attention block may save its own). The sum then
+        takes no new tensor, as torchvision's ``out += identity``. ``x`` is never written; the
+        activation after the add runs in place either way.
         """
+        if (
+            out.dtype != shortcut.dtype
+            or torch.compiler.is_compiling()
+            or _global_forward_hooks
+            or _has_forward_hook(self)
+        ):
+            return False
+        return not (torch.is_grad_enabled() and out.requires_grad) or self._ends_in_norm()
+
+    def _ends_in_norm(self) -> bool:
+        """True when the branch output is the output of a norm layer: no attention block, and
+        the body's last unit a conv + norm without activation."""
+        last = self.body[-1] if isinstance(self.body, nn.Sequential) and len(self.body) else None
         return (
-            not (torch.is_grad_enabled() and out.requires_grad)
-            and out.dtype == shortcut.dtype
-            and not torch.compiler.is_compiling()
-            and not _global_forward_hooks
-            and not _has_forward_hook(self)
+            isinstance(self.attention, nn.Identity)
+            and isinstance(last, ConvNormAct)
+            and isinstance(last.act, nn.Identity)
+            and isinstance(last.bn, _NORMS_NOT_READING_OUTPUT)
         )
 
     def extra_flops(self, x: torch.Tensor) -> int:
         """The shortcut add, one per output value (attention blocks inside declare their own)."""
         return 2 * map_elements(x, self.out_channels, self.stride)
+
+
+#: Norm layers whose backward pass reads their input and statistics, never their output.
+_NORMS_NOT_READING_OUTPUT = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, LayerNorm2d)
 
 
 def _has_forward_hook(module: nn.Module) -> bool:
