@@ -123,8 +123,8 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(TWINS),
                         help=f"blockzoo models (default {','.join(TWINS)})")
     parser.add_argument("--passes", default=",".join(PASSES), help="fwd, fwd+bwd or both")
-    parser.add_argument("--budget", type=float, default=8.0,
-                        help="seconds of paired rounds per pair (default 8)")
+    parser.add_argument("--budget", type=float, default=5.0,
+                        help="seconds of paired rounds per pair (default 5)")
     parser.add_argument("--min-rounds", type=int, default=5, help="rounds at least (default 5)")
     parser.add_argument("--doc", type=Path, help="also write the table between the "
                         f"{MARKERS[0]} markers of this file")
