@@ -101,8 +101,11 @@ def test_readme_demo_sample_flops_match_the_code() -> None:
     from blockzoo.tools.profile import compare
     from blockzoo.tools.readme import DEMO_ARGS
 
-    assert DEMO_ARGS[DEMO_ARGS.index("--size") + 1] == "32"
-    assert DEMO_ARGS[DEMO_ARGS.index("--batch") + 1] == "4"
+    makefile = (ROOT / "Makefile").read_text()
+    assert "DEMO_SIZE ?= --size 32 --batch 4" in makefile
+    assert "compare --kind conv --kind attention $(DEMO_SIZE) --budget 3" in makefile
+    assert " ".join(DEMO_ARGS).startswith(
+        "compare --kind conv --kind attention --size 32 --batch 4 --budget 3")
     sample = _demo_sample_rows()
     names = [r["block"] for r in sample if r["kind"] != "baseline"]
     assert set(names) == set(bz.list_blocks("conv")) | set(bz.list_blocks("attention")), (

@@ -123,3 +123,13 @@ def test_nested_blocks_add_their_declarations() -> None:
         total = count_flops(block, x)
     elements = 16 * 8 * 8
     assert total == counter.get_total_flops() + 2 * elements + 2 * 2 * elements
+
+
+def test_surgery_gate_declares_its_blend() -> None:
+    from blockzoo.surgery import GatedResidual
+
+    gated = GatedResidual(bz.create_block("se", 16)).eval()
+    x = torch.randn(2, 16, 5, 3)
+    assert gated.extra_flops(x) == 2 * 2 * 2 * 16 * 5 * 3
+    with torch.no_grad():
+        assert count_flops(gated, x) == count_flops(gated.block, x) + 2 * 2 * x.numel()

@@ -539,7 +539,7 @@ def test_model_table_rows_and_doc_update(tmp_path) -> None:
     doc = tmp_path / "models.md"
     doc.write_text(f"intro\n{START}\nold\n{END}\nend\n")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("blockzoo.models.table.model_rows", lambda: [row])
+        mp.setattr("blockzoo.models.table.model_rows", lambda **_: [row])
         assert update_doc(doc)
     assert "| mobilenetv2 | 3,504,872 |" in doc.read_text() and "old" not in doc.read_text()
 

@@ -220,6 +220,12 @@ def test_cli_compare_models(capsys) -> None:
     rows = json.loads(out)["rows"]
     assert [r["model"] for r in rows] == ["resnet18", "resnet_cifar"]
     assert rows[1]["params_x"] == pytest.approx(rows[1]["params"] / rows[0]["params"], abs=1e-3)
+    code, out, err = _run(capsys, "compare", "resnet_cifar", "resnet18", "--size", "32",
+                          "--format", "json", *FAST)
+    assert code == 0, err
+    assert [r["model"] for r in json.loads(out)["rows"]] == ["resnet_cifar", "resnet18"]
+    code, out, err = _run(capsys, "compare", "se", "resnet18")
+    assert code == 2 and out == "" and "--models" in err
 
 
 def test_cli_save_is_checked_before_profiling(tmp_path, capsys) -> None:
@@ -312,3 +318,30 @@ def test_plot_labels_do_not_overlap(tmp_path) -> None:
     assert len(labels) == 8
     assert _overlapping([label.get_window_extent(renderer) for label in labels]) == []
     assert plot_compare(rows, tmp_path / "p.png").stat().st_size > 10_000
+
+
+def test_a_dynamic_conv_is_not_faster_than_the_conv_inside_it() -> None:
+    """The figure that was 125x off on a loaded machine: dynamic_conv runs a conv of the
+    baseline's shape plus its routing, so its paired ratio cannot be far below 1."""
+    rows = compare(["dynamic_conv"], in_channels=16, input_size=(24, 24), batch=2, budget=2)
+    dynamic = next(r for r in rows if r["block"] == "dynamic_conv")
+    assert dynamic["latency_x"] > 0.6, dynamic
+
+
+def test_cli_unknown_names_suggest_blocks_and_networks(capsys) -> None:
+    code, out, err = _run(capsys, "profile", "resnt18")
+    assert code == 2 and out == ""
+    assert "resnet18" in err and len(err.strip().splitlines()) == 1
+    code, _, err = _run(capsys, "profile", "se", "--plot", "x.png")
+    assert code == 2 and "--plot" in err
+
+
+def test_model_table_shows_progress_on_stderr(capsys) -> None:
+    from blockzoo.models.table import model_rows
+
+    rows = model_rows(["resnet_cifar"])
+    err = capsys.readouterr().err
+    assert [r["model"] for r in rows] == ["resnet_cifar"]
+    assert "models" in err and "1/1" in err and "resnet_cifar" in err
+    model_rows(["resnet_cifar"], progress=False)
+    assert capsys.readouterr().err == ""

@@ -496,6 +496,7 @@ def test_a_frozen_conv_gives_a_frozen_block() -> None:
     assert not model[1].weight.requires_grad and not model[1].offset_conv.weight.requires_grad
 
 
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
 def test_hooks_move_to_the_replacement_and_do_not_fire_while_probing() -> None:
     model = _resnet18()
     calls: list[str] = []
@@ -524,6 +525,13 @@ def test_hooks_move_to_the_replacement_and_do_not_fire_while_probing() -> None:
     legacy[0].register_state_dict_post_hook(lambda m, state, prefix, local: None)
     report = replace_convs(legacy, "dynamic_conv")
     assert report.notes == ["0: its 1 state-dict hook(s), 1 non-full backward hook(s) are dropped"]
+    conv = nn.utils.weight_norm(nn.Conv2d(3, 8, 3, padding=1))
+    model = nn.Sequential(conv)
+    x = torch.randn(1, 3, 6, 6)
+    before = model(x)
+    report = replace_convs(model, "dynamic_conv")
+    assert report.notes == ["0: its 1 weight_norm/spectral_norm hook(s) are dropped"]
+    torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
 
 
 def test_spd_conv_before_a_norm_layer_is_built_without_its_own_norm_and_act() -> None:

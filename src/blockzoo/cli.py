@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
 from .core.formatting import format_rows
+from .core.interrupt import Interrupted, signal_name, signals_raise
+from .core.validation import cli_float, cli_int
 from .registry import KINDS, block_info, list_blocks, unknown_name
 from .tools.profile import DEFAULT_BUDGET_S, DEFAULT_THREADS
+from .train.checkpoint import CheckpointError
 from .train.cli import add_subcommands as add_train_subcommands
+from .train.engine import TrainingDiverged, TrainingInterrupted
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -137,7 +144,7 @@ def _profile_models(args: argparse.Namespace, names: list[str]) -> int:
 
 def _cmd_profile(args: argparse.Namespace) -> int:
     from .tools.networks import SOURCES, is_model_name, model_names
-    from .tools.profile import profile
+    from .tools.profile import machine_info, machine_line, profile
 
     _check_outputs(args)
     if is_model_name(args.name) or args.insert or args.replace:
@@ -158,13 +165,22 @@ def _cmd_profile(args: argparse.Namespace) -> int:
                      device=args.device, dtype=DTYPES[args.dtype], backward=args.backward,
                      warmup=args.warmup, repeat=args.min_rounds, threads=args.threads,
                      **kwargs)
-    row = result.as_row()
+    machine = machine_info(args.device, args.threads)
+
+    def render(fmt: str) -> str:
+        row = result.as_row()
+        if fmt == "json":
+            return json.dumps({"machine": machine, "result": row}, indent=2, default=str)
+        if fmt in ("markdown", "csv"):
+            return format_rows([row], fmt).rstrip("\n")
+        width = max(map(len, row))
+        return "\n".join([machine_line(machine)]
+                         + [f"{key.ljust(width)}  {value}" for key, value in row.items()])
+
     if args.save:
-        fmt = SAVE_FORMATS.get(Path(args.save).suffix.lower(), args.format)
-        Path(args.save).write_text(format_rows([row], fmt) + "\n")
-    width = max(map(len, row))
-    for key, value in row.items():
-        print(f"{key.ljust(width)}  {value}")
+        Path(args.save).write_text(
+            render(SAVE_FORMATS.get(Path(args.save).suffix.lower(), args.format)) + "\n")
+    print(render(args.format))
     return 0
 
 
@@ -183,11 +199,18 @@ def _progress(total: int, unit: str = "block"):
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
+    from .tools.networks import is_model_name
     from .tools.profile import compare, machine_info
 
     _check_outputs(args)
     if args.models:
         return _profile_models(args, list(args.models) + list(args.names))
+    networks = [n for n in args.names if is_model_name(n)]
+    if networks and not args.kind and len(networks) == len(args.names):
+        return _profile_models(args, list(args.names))
+    if networks:
+        raise ValueError(f"{', '.join(networks)}: networks and blocks cannot share one table; "
+                         "compare networks with --models (ratios against the first)")
     names = list(args.names)
     for kind in args.kind or []:
         names += [n for n in list_blocks(kind) if n not in names]
@@ -225,24 +248,28 @@ def _cmd_viz(args: argparse.Namespace) -> int:
 
 
 def _add_size_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--in", dest="in_channels", type=int, default=64, help="input channels")
-    p.add_argument("--out", dest="out_channels", type=int, default=None,
+    positive = cli_int(1)  # 0 is refused here, so ``args.size or 56`` only fills in None
+    p.add_argument("--in", dest="in_channels", type=positive, default=64, help="input channels")
+    p.add_argument("--out", dest="out_channels", type=positive, default=None,
                    help="output channels (default: the block's)")
-    p.add_argument("--size", type=int, default=None,
+    p.add_argument("--size", type=positive, default=None,
                    help="input height and width (default: 56 for blocks, the model's own)")
-    p.add_argument("--batch", type=int, default=None, help="batch (default: 8 blocks, 1 models)")
-    p.add_argument("--stride", type=int, default=None, help="stride (default: the block's)")
+    p.add_argument("--batch", type=positive, default=None,
+                   help="batch (default: 8 blocks, 1 models)")
+    p.add_argument("--stride", type=positive, default=None,
+                   help="stride (default: the block's)")
     p.add_argument("--backward", action="store_true", help="time forward+backward")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
-    p.add_argument("--threads", type=int, default=DEFAULT_THREADS, metavar="N",
+    p.add_argument("--threads", type=cli_int(0), default=DEFAULT_THREADS, metavar="N",
                    help=f"intra-op threads for timing (default {DEFAULT_THREADS}: the figure "
                    "least disturbed by other processes; 0 = torch's default); recorded in "
                    "the output")
-    p.add_argument("--warmup", type=int, default=2, help="warm-up runs before timing")
-    p.add_argument("--min-rounds", "--repeat", dest="min_rounds", type=int, default=5,
+    p.add_argument("--warmup", type=cli_int(0), default=2, help="warm-up runs before timing")
+    p.add_argument("--min-rounds", "--repeat", dest="min_rounds", type=positive, default=5,
                    help="least number of timed (paired) rounds")
-    p.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S, metavar="SECONDS",
+    p.add_argument("--budget", type=cli_float(0, strict=True), default=DEFAULT_BUDGET_S,
+                   metavar="SECONDS",
                    help="seconds of paired timing per block or model: rounds go on until the "
                    "latency ratio's 95%% interval is within +-10%% or this runs out "
                    f"(default {DEFAULT_BUDGET_S:g})")
@@ -267,10 +294,19 @@ def _add_model_edit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--where", metavar="GLOB", help="module-name glob for --replace (default *)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line on stderr (``blockzoo train: error: ...``), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="blockzoo", description="Tested, paper-faithful CNN building blocks for PyTorch."
     )
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of errors (may also follow the sub-command)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("list", help="table of every registered block",
@@ -301,8 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Profile blocks side by side. Ratios (*_x) are against a "
                        "3x3 conv + BN + ReLU with the same channels and stride; latency_x is "
                        "the median of paired rounds (baseline and block alternate). With "
-                       "--models, whole networks against the first one.")
-    p.add_argument("names", nargs="*", help="block names")
+                       "--models (or network names alone), whole networks against the first "
+                       "one.")
+    p.add_argument("names", nargs="*", help="block names (or network names)")
     p.add_argument("--kind", action="append", choices=KINDS,
                    help="add every block of this kind (repeatable)")
     p.add_argument("--models", nargs="+", metavar="MODEL",
@@ -328,25 +365,69 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image", nargs="?", default=None,
                    help="image file (default: scikit-image's astronaut photograph)")
     p.add_argument("--out", default=None, help="PNG to write (default: reports/viz_NAME.png)")
-    p.add_argument("--size", type=int, default=224, help="side the image is resized to")
+    p.add_argument("--size", type=cli_int(1), default=224,
+                   help="side the image is resized to")
     p.set_defaults(func=_cmd_viz)
     add_train_subcommands(sub)
     return parser
 
 
+#: Exceptions that report a user's mistake (bad value, missing file, refused checkpoint).
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, OSError, CheckpointError)
+
+
+def _resume_command(command: str, argv: list[str]) -> str:
+    """The command line that continues an interrupted ``train`` / ``bench-accuracy``."""
+    args = list(argv)
+    if command == "train" and "--resume" not in args:
+        args.append("--resume")
+    from .train.distributed import launched_by_torchrun
+
+    if launched_by_torchrun():
+        prefix = f"torchrun --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', '?')} -m"
+        return f"{prefix} blockzoo {shlex.join(args)}"
+    return f"blockzoo {shlex.join(args)}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``blockzoo`` command; the exit code. User errors are one line on stderr (exit 2),
+    a non-finite training loss exit 1, SIGINT 130 and SIGTERM 143; ``--debug`` shows
+    tracebacks."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     args = build_parser().parse_args(argv)
+    prefix = f"blockzoo {args.command}"
     try:
-        code = args.func(args)
+        with signals_raise():
+            code = args.func(args)
         sys.stdout.flush()
         return code
     except BrokenPipeError:
         # The reader stopped early (``| head``): what it read is what it wanted.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (ValueError, KeyError, FileNotFoundError, OSError) as err:
+    except TrainingInterrupted as err:
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone says it
+            print(f"{prefix}: {err}; resume with: {_resume_command(args.command, argv)}",
+                  file=sys.stderr)
+        return err.exit_code
+    except (KeyboardInterrupt, Interrupted) as err:
+        signum = getattr(err, "signum", 2)
+        hint = ("; run the same command again to continue (finished runs are kept)"
+                if args.command == "bench-accuracy" else "")
+        print(f"{prefix}: interrupted by {signal_name(signum)}{hint}", file=sys.stderr)
+        return 128 + signum
+    except TrainingDiverged as err:
+        if debug:
+            raise
+        print(f"{prefix}: error: {err}", file=sys.stderr)
+        return 1
+    except USER_ERRORS as err:
+        if debug:
+            raise
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"blockzoo {args.command}: error: {message}", file=sys.stderr)
+        print(f"{prefix}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -36,7 +36,8 @@ count is the batch size cannot have a dynamic batch.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +50,26 @@ from ..registry import register_block
 from .base import Block, ExplainKey
 
 Strategy = Literal["auto", "aggregate", "mix"]
+
+
+@dataclass(frozen=True)
+class TemperatureAnnealing:
+    """A linear softmax-temperature annealing: ``start`` -> ``end`` over ``epochs`` epochs."""
+
+    start: float
+    end: float
+    epochs: int
+
+    def as_dict(self) -> dict[str, Any]:
+        """``{"start": ..., "end": ..., "epochs": ...}``: :class:`TemperatureSchedule`'s kwargs."""
+        return asdict(self)
+
+
+#: DY-Conv's temperature annealing (Chen et al., arXiv 1912.03458, training section): 30 -> 1,
+#: linear, over the first 10 epochs. The one home of these numbers: the blocks' default
+#: temperature, :class:`TemperatureSchedule`, the models' ``default_cfg["temperature_schedule"]``
+#: and ``blockzoo train`` all read it.
+DY_CONV_TEMPERATURE = TemperatureAnnealing(start=30.0, end=1.0, epochs=10)
 STRATEGIES: tuple[str, ...] = ("auto", "aggregate", "mix")
 
 #: ``strategy="auto"`` uses ``"mix"`` for batches of at least this many samples ...
@@ -268,10 +289,11 @@ class DynamicConv2d(ExpertConv2d):
     has no BatchNorm, so it is defined for a batch of one. The kernel ``W(x) = sum_k pi_k W_k`` and
     bias ``b(x) = sum_k pi_k b_k`` convolve each sample (see the module docstring for how).
 
-    The temperature ``T`` is the plain attribute ``temperature`` (default 30, the paper's start
-    value for training); anneal it with :class:`TemperatureSchedule` or set it with
-    :func:`set_temperature`. Otherwise the arguments are ``nn.Conv2d``'s (``padding="same"`` by
-    default, see :class:`ExpertConv2d`); ``strategy`` is ``"auto"``, ``"aggregate"`` or ``"mix"``.
+    The temperature ``T`` is the plain attribute ``temperature`` (default
+    ``DY_CONV_TEMPERATURE.start``, the paper's start value for training); anneal it with
+    :class:`TemperatureSchedule` or set it with :func:`set_temperature`. Otherwise the arguments
+    are ``nn.Conv2d``'s (``padding="same"`` by default, see :class:`ExpertConv2d`); ``strategy``
+    is ``"auto"``, ``"aggregate"`` or ``"mix"``.
 
     Shapes: ``(N, C_in, H, W) -> (N, C_out, ceil(H / stride), ceil(W / stride))``.
     """
@@ -288,7 +310,7 @@ class DynamicConv2d(ExpertConv2d):
         groups: int = 1,
         bias: bool = True,
         num_experts: int = 4,
-        temperature: float = 30.0,
+        temperature: float = DY_CONV_TEMPERATURE.start,
         reduction: float = 4,
         strategy: Strategy = "auto",
         device: torch.device | str | None = None,
@@ -364,7 +386,7 @@ class DynamicConvBnAct(Block):
         dilation: int = 1,
         groups: int = 1,
         num_experts: int = 4,
-        temperature: float = 30.0,
+        temperature: float = DY_CONV_TEMPERATURE.start,
         reduction: float = 4,
         strategy: Strategy = "auto",
         norm_layer: LayerSpec = "batchnorm",
@@ -519,7 +541,8 @@ def set_temperature(model: nn.Module, temperature: float) -> int:
 class TemperatureSchedule:
     """Linear temperature annealing of every :class:`DynamicConv2d` in a model (DY-Conv paper).
 
-    The paper trains with ``T`` reduced linearly from 30 to 1 over the first 10 epochs:
+    The paper trains with ``T`` reduced linearly from 30 to 1 over the first 10 epochs (the
+    defaults, :data:`DY_CONV_TEMPERATURE`):
 
         ``T(epoch) = start + (end - start) * min(epoch, epochs) / epochs``
 
@@ -531,7 +554,11 @@ class TemperatureSchedule:
     """
 
     def __init__(
-        self, model: nn.Module, start: float = 30.0, end: float = 1.0, epochs: int = 10
+        self,
+        model: nn.Module,
+        start: float = DY_CONV_TEMPERATURE.start,
+        end: float = DY_CONV_TEMPERATURE.end,
+        epochs: int = DY_CONV_TEMPERATURE.epochs,
     ) -> None:
         for name, t in (("start", start), ("end", end)):
             if not _valid_temperature(t):

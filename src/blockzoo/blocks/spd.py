@@ -57,7 +57,8 @@ class SPDConv(Block):
 
     conv_preservation = (
         "space-to-depth followed by a convolution, BatchNorm and an activation is not linear in "
-        "its input, so it cannot equal the strided convolution it replaces"
+        "its input, and blockzoo has no initialiser that rewrites a strided kernel for the "
+        "space-to-depth layout, so it cannot start as the strided convolution it replaces"
     )
     ends_with_norm_act = True
 

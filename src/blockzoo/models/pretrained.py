@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.serialization import safe_torch_load
+
 StateDict = dict[str, torch.Tensor]
 
 
@@ -90,11 +92,7 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
 
         state: Any = load_file(str(path))
     else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # unpickling refuses non-tensor objects, zip/pickle errors
-            raise PretrainedError(f"pretrained: {str(path)!r} is not a PyTorch checkpoint "
-                                  f"readable with weights_only=True ({err})") from err
+        state = safe_torch_load(path)  # refuses pickled code, names a corrupt file
     for key in ("state_dict", "model"):
         if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
             state = state[key]

@@ -33,10 +33,10 @@ size, normalisation, the paper's figures and training notes), :func:`create_mode
   ``classifier``: the names of the first convolution and of the classifier (timm's keys);
 - ``min_input_size``: ``(in_chans, 32, 32)``, the smallest input at which every stride-32 stage
   output is a full (not padding-only) window; the networks accept any size;
-- ``temperature_schedule``: ``{"start": 30.0, "end": 1.0, "epochs": 10}`` (DY-Conv's annealing
-  of the softmax temperature over the first 10 epochs, the arguments of
-  :class:`blockzoo.TemperatureSchedule`) when the model holds dynamic convolutions (also
-  when they were asked for with ``conv="dynamic_conv"``), else ``None``.
+- ``temperature_schedule``: ``blockzoo.blocks.dynamic.DY_CONV_TEMPERATURE.as_dict()`` (DY-Conv's
+  annealing of the softmax temperature, the arguments of :class:`blockzoo.TemperatureSchedule`)
+  when the model holds dynamic convolutions (also when they were asked for with
+  ``conv="dynamic_conv"``), else ``None``.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..blocks.dynamic import DynamicConv2d
+from ..blocks.dynamic import DY_CONV_TEMPERATURE, DynamicConv2d
 from ..registry import unknown_name
 from .pretrained import ReleasedWeights, load_pretrained
 
@@ -60,10 +60,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
-
-#: DY-Conv's temperature annealing (Chen et al., arXiv 1912.03458, training section): 30 -> 1,
-#: linear, over the first 10 epochs.
-DY_CONV_TEMPERATURE = {"start": 30.0, "end": 1.0, "epochs": 10}
 
 CFG_KEYS = (
     "input_size", "mean", "std", "num_classes", "paper", "arxiv", "paper_params_m",
@@ -214,7 +210,7 @@ def create_model(
         cfg["mean"], cfg["std"] = (0.5,) * in_chans, (0.5,) * in_chans
     cfg["architecture"] = name
     dynamic = any(isinstance(m, DynamicConv2d) for m in model.modules())
-    cfg["temperature_schedule"] = dict(DY_CONV_TEMPERATURE) if dynamic else None
+    cfg["temperature_schedule"] = DY_CONV_TEMPERATURE.as_dict() if dynamic else None
     strides = getattr(model, "feature_strides", None)
     cfg["pool_size"] = tuple(-(-s // strides[-1]) for s in size) if strides else None
     cfg["first_conv"] = next(

@@ -28,10 +28,11 @@ def _figure(value: float | None) -> str:
     return "" if value is None else f"{value:g}"
 
 
-def model_rows(names: list[str] | None = None, progress: bool = False) -> list[dict[str, Any]]:
+def model_rows(names: list[str] | None = None, progress: bool = True) -> list[dict[str, Any]]:
     """One row per model: measured parameters and FLOPs, and the paper's figures.
 
-    ``progress=True`` draws a progress bar (model name, count, time) on stderr.
+    Building and counting every model takes minutes: ``progress`` (default) draws a progress
+    bar (model name, count, elapsed and remaining time) on stderr.
     """
     rows = []
     names = names or list_models()
@@ -61,20 +62,20 @@ def model_rows(names: list[str] | None = None, progress: bool = False) -> list[d
     return rows
 
 
-def model_table(fmt: str = "markdown", progress: bool = False) -> str:
+def model_table(fmt: str = "markdown") -> str:
     """:func:`model_rows` rendered by :func:`~blockzoo.core.format_rows`."""
-    return format_rows(model_rows(progress=progress), fmt)
+    return format_rows(model_rows(), fmt)
 
 
-def update_doc(path: Path, progress: bool = False) -> bool:
+def update_doc(path: Path) -> bool:
     """Rewrite the table between the markers in ``path``; True when it changed."""
-    return replace_between_markers(path, START, END, model_table(progress=progress))
+    return replace_between_markers(path, START, END, model_table())
 
 
 if __name__ == "__main__":
     torch.manual_seed(0)
     if len(sys.argv) > 1:
-        changed = update_doc(Path(sys.argv[1]), progress=True)
+        changed = update_doc(Path(sys.argv[1]))
         print(f"{sys.argv[1]}: model table " + ("updated" if changed else "already current"))
     else:
-        print(model_table(progress=True))
+        print(model_table())

@@ -43,6 +43,11 @@ class GatedResidual(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.gamma * (self.block(x) - x)
 
+    def extra_flops(self, x: torch.Tensor) -> int:
+        """The blend ``x + gamma * (y - x)``, a 2-term weighted sum: 2 multiply-adds per value
+        (docs/profiling.md's FLOPs rule; the wrapped block declares its own)."""
+        return 2 * 2 * x.numel()
+
     def extra_repr(self) -> str:
         return f"gamma={self.gamma.item():.4g}"
 

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from .. import blocks as _blocks  # noqa: F401  (registers every block before NOT_PRESERVABLE)
 from ..registry import BlockInfo, block_info, create_block, list_blocks
@@ -147,20 +149,36 @@ def _hook_tables(conv: nn.Module) -> tuple[dict[str, str], dict[str, str]]:
     return moved, {**_STATE_DICT_HOOKS, **legacy}
 
 
+def _reparametrisations(conv: nn.Module) -> list[int]:
+    """Ids of the conv's ``weight_norm``/``spectral_norm`` pre-hooks: they compute the conv's
+    own weight (which the block has copied), so they stay behind."""
+    return [key for key, hook in conv._forward_pre_hooks.items()
+            if isinstance(hook, (WeightNorm, SpectralNorm))]
+
+
 def _hook_notes(name: str, conv: nn.Module) -> list[str]:
     """Report notes on the conv's hooks: which move to the block, which are dropped."""
+    moved, dropped = _hook_tables(conv)
+    reparametrised = len(_reparametrisations(conv))
+    counts = {kind: len(getattr(conv, t)) for t, kind in moved.items()}
+    counts["forward pre-hook"] -= reparametrised
     notes = []
-    for tables, verb in zip(_hook_tables(conv), ("move to the block", "are dropped"), strict=True):
-        found = [f"{len(getattr(conv, t))} {kind}(s)" for t, kind in tables.items()
-                 if getattr(conv, t)]
-        if found:
-            notes.append(f"{name}: its {', '.join(found)} {verb}")
+    found = [f"{n} {kind}(s)" for kind, n in counts.items() if n]
+    if found:
+        notes.append(f"{name}: its {', '.join(found)} move to the block")
+    found = [f"{len(getattr(conv, t))} {kind}(s)" for t, kind in dropped.items()
+             if getattr(conv, t)]
+    found += [f"{reparametrised} weight_norm/spectral_norm hook(s)"] if reparametrised else []
+    if found:
+        notes.append(f"{name}: its {', '.join(found)} are dropped")
     return notes
 
 
 def _move_hooks(conv: nn.Module, block: nn.Module) -> None:
     """Give ``block`` the conv's forward and full backward hooks; the handles keep working."""
     moved, _ = _hook_tables(conv)
+    for key in _reparametrisations(conv):
+        del conv._forward_pre_hooks[key]
     if conv._is_full_backward_hook:
         block._is_full_backward_hook = True
     for table in (*moved, *_FORWARD_COMPANIONS):

@@ -129,7 +129,8 @@ def edit_model(
     if not report.changes:
         skipped = f" ({len(report.skipped)} skipped: {report.skipped[0][1]})" if (
             report.skipped) else ""
+        names = [n for n, _ in model.named_modules() if n]
+        examples = names[len(names) // 5 :: max(1, len(names) // 5)][:4]
         raise ValueError(f"{what} matched no module that can take {insert or replace!r}"
-                         f"{skipped}; module names look like "
-                         f"{', '.join(n for n, _ in list(model.named_modules())[1:4])}")
+                         f"{skipped}; module names look like {', '.join(examples)}")
     return report

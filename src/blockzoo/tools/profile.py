@@ -660,7 +660,8 @@ def report_notes(rows: Sequence[dict[str, Any]], tolerance: float = TOLERANCE) -
     return notes
 
 
-def _machine_line(machine: dict[str, Any]) -> str:
+def machine_line(machine: dict[str, Any]) -> str:
+    """The one-line form of :func:`machine_info` that tables start with."""
     return (f"machine: {machine['cpu']}, {machine['cores']} cores, {machine['threads']} "
             f"thread(s) used, torch {machine['torch']}, device {machine['device']}, "
             f"clock {machine['clock']}")
@@ -683,6 +684,6 @@ def report(
         return table.rstrip("\n")
     notes = report_notes(rows, tolerance)
     if fmt == "markdown":
-        return "\n".join([f"**{_machine_line(machine)}**", "", table, "",
+        return "\n".join([f"**{machine_line(machine)}**", "", table, "",
                           *[f"- {n}" for n in notes]])
-    return "\n".join([_machine_line(machine), table, *notes])
+    return "\n".join([machine_line(machine), table, *notes])

@@ -18,7 +18,7 @@ from .catalog import catalog_rows
 START, END = "<!-- blocks:start -->", "<!-- blocks:end -->"
 DEMO_START, DEMO_END = "<!-- demo:start -->", "<!-- demo:end -->"
 
-#: ``make demo``'s comparison (Makefile: ``blockzoo compare $(DEMO_ARGS) $(DEMO_SIZE)``).
+#: The comparison ``make demo`` runs (its Makefile target, with the default ``DEMO_SIZE``).
 DEMO_ARGS = ("compare", "--kind", "conv", "--kind", "attention", "--size", "32", "--batch", "4",
              "--budget", "3", "--format", "markdown")
 
