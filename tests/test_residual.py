@@ -349,11 +349,11 @@ def _reference_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("attention", [None, "se"])
-@pytest.mark.parametrize("grad", [True, False])
+@pytest.mark.parametrize(("grad", "train"), [(True, True), (True, False), (False, False)])
 def test_in_place_add_and_activations_keep_values_gradients_and_the_input(
-    attention: str | None, grad: bool
+    attention: str | None, grad: bool, train: bool
 ) -> None:
-    block = bz.create_block("residual", 16, 32, 2, attention=attention).double().eval()
+    block = bz.create_block("residual", 16, 32, 2, attention=attention).double().train(train)
     randomize_norms(block)
     x = torch.randn(2, 16, 9, 7, dtype=torch.double, requires_grad=grad)
     before = x.detach().clone()

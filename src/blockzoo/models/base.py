@@ -271,7 +271,6 @@ class StagedNet(nn.Module):
             cfg["num_classes"] = num_classes
 
 
-
 def runs_as_plain_sequential(module: nn.Module) -> bool:
     """True when calling ``module`` would do nothing but ``nn.Sequential.forward``.
 
