@@ -8,11 +8,15 @@ from :func:`make_divisible`; convolutions that keep the output-size rule
 
 from __future__ import annotations
 
+import copy
+import functools
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .core.validation import check_layer_spec
 
 LayerSpec = str | type[nn.Module] | Callable[..., nn.Module] | None
 
@@ -48,8 +52,14 @@ class BatchNorm2d(nn.BatchNorm2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        single_value = x.dim() == 4 and x.shape[0] * x.shape[2] * x.shape[3] == 1
-        if self.training and single_value and self.running_mean is not None:
+        # Eval mode and ordinary batches pay one attribute test; the shape product is computed
+        # only in training mode.
+        if (
+            self.training
+            and self.running_mean is not None
+            and x.dim() == 4
+            and x.shape[0] * x.shape[2] * x.shape[3] == 1
+        ):
             return F.batch_norm(
                 x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0,
                 self.eps,
@@ -97,6 +107,14 @@ _ACTIVATIONS: dict[str, type[nn.Module]] = {
 }
 
 
+#: Activations whose ``inplace=True`` form autograd supports: the backward pass reads the result
+#: (ReLU, ReLU6, LeakyReLU, ELU, ...) or autograd keeps the input it needs (SiLU, Hardswish, Mish).
+_INPLACE_ACTIVATIONS = frozenset({
+    nn.ReLU, nn.ReLU6, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.CELU, nn.SELU, nn.Hardtanh,
+    nn.Hardswish, nn.Hardsigmoid, nn.Mish,
+})
+
+
 def _group_norm(num_channels: int, **kwargs) -> nn.GroupNorm:
     groups = 32 if num_channels % 32 == 0 else 1
     return nn.GroupNorm(groups, num_channels, **kwargs)
@@ -113,25 +131,38 @@ _NORMS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def _resolve(spec: LayerSpec, table: dict, what: str) -> Callable[..., nn.Module]:
+def _resolve(spec: LayerSpec, table: dict, name: str, what: str) -> Callable[..., nn.Module]:
+    instances = table is _ACTIVATIONS
+    check_layer_spec("blockzoo", name, spec, table, what=what, instances=instances)
     if spec is None:
         return nn.Identity
     if isinstance(spec, str):
-        key = spec.lower().replace("-", "_")
-        if key not in table:
-            raise ValueError(f"unknown {what} {spec!r}; choose one of {sorted(table)}")
-        return table[key]
-    if callable(spec):
-        return spec
-    raise ValueError(f"{what} must be a string, a class or a callable, got {spec!r}")
+        return table[spec.lower().replace("-", "_")]
+    if isinstance(spec, nn.Module):  # an activation instance: a fresh copy for every use
+        return functools.partial(copy.deepcopy, spec)
+    return spec
+
+
+def check_layers(owner: str, **specs: LayerSpec) -> None:
+    """Check ``act_layer=...``/``norm_layer=...`` specs, naming ``owner`` and the argument.
+
+    An argument whose name contains ``norm`` is a norm spec (no module instances), any other
+    an activation spec (an instance is accepted and copied for every use).
+    """
+    for name, spec in specs.items():
+        if "norm" in name:
+            check_layer_spec(owner, name, spec, _NORMS, what="norm layer", instances=False)
+        else:
+            check_layer_spec(owner, name, spec, _ACTIVATIONS, what="activation", instances=True)
 
 
 def get_act_layer(spec: LayerSpec) -> Callable[..., nn.Module]:
     """Turn ``"relu"``, ``"silu"``, ``"hard_swish"``, ... or a class into an activation factory.
 
-    ``None`` gives ``nn.Identity``. Calling the factory with no argument builds the module.
+    ``None`` gives ``nn.Identity``. Calling the factory with no argument builds the module. An
+    activation instance (``nn.ReLU()``, ``nn.LeakyReLU(0.1)``) gives a factory of deep copies.
     """
-    return _resolve(spec, _ACTIVATIONS, "activation")
+    return _resolve(spec, _ACTIVATIONS, "act_layer", "activation")
 
 
 def get_norm_layer(spec: LayerSpec) -> Callable[..., nn.Module]:
@@ -139,13 +170,23 @@ def get_norm_layer(spec: LayerSpec) -> Callable[..., nn.Module]:
 
     The factory is called with the number of channels. ``"batchnorm"`` is blockzoo's
     :class:`BatchNorm2d` (defined for a single value per channel); ``None`` gives ``nn.Identity``.
+    A module instance is refused: a norm layer is built for a channel count.
     """
-    return _resolve(spec, _NORMS, "norm layer")
+    return _resolve(spec, _NORMS, "norm_layer", "norm layer")
 
 
-def create_act(spec: LayerSpec) -> nn.Module:
-    """Build an activation module from a spec (see :func:`get_act_layer`)."""
-    return get_act_layer(spec)()
+def create_act(spec: LayerSpec, *, inplace: bool = False) -> nn.Module:
+    """Build an activation module from a spec (see :func:`get_act_layer`).
+
+    ``inplace=True`` builds torch's ReLU, ReLU6, SiLU, LeakyReLU, ELU, CELU, SELU, Hardtanh,
+    Hardswish, Hardsigmoid and Mish with ``inplace=True`` (other activations ignore it): only for
+    an input that nothing else reads afterwards, such as the fresh output of a norm layer or of a
+    residual sum, never a block's input or a tensor an attention gate multiplies.
+    """
+    factory = get_act_layer(spec)
+    if inplace and factory in _INPLACE_ACTIVATIONS:
+        return factory(inplace=True)
+    return factory()
 
 
 def create_norm(spec: LayerSpec, num_channels: int) -> nn.Module:
@@ -160,7 +201,10 @@ class ConvNormAct(nn.Sequential):
     The conv has no bias when a norm follows it. Submodules are named ``conv``, ``bn`` and
     ``act`` so that weights can be found by name. ``conv`` may be given as a module that stands
     in for the ``nn.Conv2d`` of this geometry (a conv-kind block, see
-    :func:`blockzoo.blocks.residual.conv_unit`); it is used as it is.
+    :func:`blockzoo.blocks.residual.conv_unit`); it is used as it is. After a norm layer the
+    activation runs in place on the norm's output (see :func:`create_act`), as torchvision's and
+    timm's networks do: the norm's backward pass does not read its output, and no temporary is
+    allocated. A forward hook on ``bn`` that keeps its output therefore sees the activated values.
     """
 
     def __init__(
@@ -190,4 +234,4 @@ class ConvNormAct(nn.Sequential):
             bias=bias,
         )
         self.bn = create_norm(norm_layer, out_channels)
-        self.act = create_act(act_layer)
+        self.act = create_act(act_layer, inplace=not isinstance(self.bn, nn.Identity))

@@ -14,9 +14,22 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.module import (
+    _global_backward_hooks,
+    _global_backward_pre_hooks,
+    _global_forward_hooks,
+    _global_forward_pre_hooks,
+)
 
 from ..blocks.base import check_input, named_open_modules
-from ..core.validation import require
+from ..core.validation import (
+    check_bool,
+    check_choice,
+    check_fraction,
+    check_non_negative_int,
+    check_positive_int,
+    require,
+)
 from ..layers import ConvNormAct
 
 #: Global pooling types of the head (timm's names): average, max, their mean, or none (``""``:
@@ -27,13 +40,13 @@ GLOBAL_POOLS = ("avg", "max", "avgmax", "")
 
 def check_positive_ints(owner: str, name: str, values: Sequence[int], length: int) -> tuple:
     """``values`` as a tuple of ``length`` positive ints, else a ``ValueError`` naming ``owner``."""
+    require(owner, isinstance(values, Sequence) and not isinstance(values, str),
+            f"{name} must be {length} positive integers, got {values!r}")
     values = tuple(values)
-    require(
-        owner,
-        len(values) == length
-        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values),
-        f"{name} must be {length} positive integers, got {values!r}",
-    )
+    require(owner, len(values) == length,
+            f"{name} must be {length} positive integers, got {values!r}")
+    for value in values:
+        check_positive_int(owner, name, value)
     return values
 
 
@@ -127,13 +140,12 @@ class StagedNet(nn.Module):
     ) -> None:
         super().__init__()
         owner = type(self).__name__
-        check_positive_ints(owner, "in_chans", (in_chans,), 1)
+        check_positive_int(owner, "in_chans", in_chans)
         self._check_head(num_classes, global_pool)
-        require(owner, isinstance(features_only, bool),
-                 f"features_only must be a bool, got {features_only!r}")
+        check_bool(owner, "features_only", features_only)
         require(owner, features_only or out_indices is None,
-                 "out_indices selects the outputs of features_only=True; it was given without it")
-        require(owner, 0.0 <= drop_rate < 1.0, f"drop_rate must be in [0, 1), got {drop_rate}")
+                "out_indices selects the outputs of features_only=True; it was given without it")
+        check_fraction(owner, "drop_rate", drop_rate)
         require(owner, len(stages) == len(stage_strides) >= 1,
                  f"needs at least one stage and one stride per stage, got {len(stages)} stages "
                  f"and strides {tuple(stage_strides)}")
@@ -170,30 +182,40 @@ class StagedNet(nn.Module):
 
     def _check_head(self, num_classes: int, global_pool: str | None) -> None:
         owner = type(self).__name__
-        require(
-            owner,
-            isinstance(num_classes, int) and not isinstance(num_classes, bool)
-            and num_classes >= 0,
-            f"num_classes must be a non-negative integer, got {num_classes!r}",
-        )
-        if global_pool is None:
-            return
-        require(owner, global_pool in GLOBAL_POOLS,
-                 f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
+        check_non_negative_int(owner, "num_classes", num_classes)
+        if global_pool is not None:
+            check_choice(owner, "global_pool", global_pool, GLOBAL_POOLS)
 
     def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The outputs of every built stage, at strides ``feature_strides``."""
+        return self._run_stages(x, keep_all=True)
+
+    def _run_stages(self, x: torch.Tensor, keep_all: bool) -> list[torch.Tensor]:
+        """Stem and stages; every stage output when ``keep_all``, else the last one alone.
+
+        A module call keeps its input alive until it returns, so ``stage(x)`` would hold the
+        stage's input (for the first stage, the large stem output) through all of the stage's
+        blocks. A plain ``nn.Sequential`` stage with no hooks is therefore run here block by
+        block, which is what its call would do, and its input is released after the first
+        block; a stage with hooks (or under global module hooks or ``torch.jit`` tracing) is
+        called as a module.
+        """
         check_input(self, x, self.in_chans)
         x = self.stem(x)
         features = []
         for stage in self.stages:
-            x = stage(x)
-            features.append(x)
-        return features
+            if runs_as_plain_sequential(stage):
+                for block in stage:
+                    x = block(x)
+            else:
+                x = stage(x)
+            if keep_all:
+                features.append(x)
+        return features if keep_all else [x]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The final feature map ``(N, num_features, h, w)``: the last stage (+ ``head_conv``)."""
-        x = self.forward_stages(x)[-1]
+        x = self._run_stages(x, keep_all=False)[-1]
         return x if self.head_conv is None else self.head_conv(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -248,6 +270,23 @@ class StagedNet(nn.Module):
         cfg = getattr(self, "default_cfg", None)
         if isinstance(cfg, dict):
             cfg["num_classes"] = num_classes
+
+
+def runs_as_plain_sequential(module: nn.Module) -> bool:
+    """True when calling ``module`` would do nothing but ``nn.Sequential.forward``.
+
+    That is: ``module`` is an ``nn.Sequential`` (not a subclass), has no forward or backward
+    hooks, no global module hooks are registered and ``torch.jit`` is not tracing (tracing
+    records module scopes through the call).
+    """
+    return (
+        type(module) is nn.Sequential
+        and not (module._forward_pre_hooks or module._forward_hooks
+                 or module._backward_pre_hooks or module._backward_hooks)
+        and not (_global_forward_pre_hooks or _global_forward_hooks
+                 or _global_backward_pre_hooks or _global_backward_hooks)
+        and not torch.jit.is_tracing()
+    )
 
 
 def init_conv_norm_act(model: nn.Module) -> None:
