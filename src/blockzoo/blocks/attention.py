@@ -25,7 +25,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.counting import map_elements
-from ..core.validation import check_choice, check_positive_int, check_positive_number
+from ..core.validation import (
+    check_bool,
+    check_choice,
+    check_finite_number,
+    check_positive_int,
+    check_positive_number,
+)
 from ..layers import ConvNormAct, LayerSpec, create_act, create_norm, make_divisible
 from ..registry import register_block
 from .base import ExplainKey, ShapePreservingBlock
@@ -330,14 +336,16 @@ class CBAM(ShapePreservingBlock):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(in_channels, out_channels, stride)
-        self.require(reduction > 0, f"reduction must be positive, got {reduction}")
-        self.require(
-            isinstance(spatial_kernel_size, int) and spatial_kernel_size > 0
-            and spatial_kernel_size % 2 == 1,
-            f"spatial_kernel_size must be a positive odd int, got {spatial_kernel_size!r}",
-        )
+        name = type(self).__name__
+        check_positive_number(name, "reduction", reduction)
+        check_positive_int(name, "min_channels", min_channels)
+        check_positive_int(name, "spatial_kernel_size", spatial_kernel_size, odd=True)
+        check_bool(name, "zero_init_spatial", zero_init_spatial)
+        self.check_layers(act_layer=act_layer, norm_layer=norm_layer)
         if rd_channels is None:
             rd_channels = make_divisible(in_channels / reduction, 1, min_value=min_channels)
+        else:
+            check_positive_int(name, "rd_channels", rd_channels)
         self.rd_channels = rd_channels
         self.mlp = nn.Sequential(
             nn.Linear(in_channels, rd_channels), create_act(act_layer),
@@ -434,13 +442,13 @@ class EfficientChannelAttention(ShapePreservingBlock):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(in_channels, out_channels, stride)
-        self.require(gamma > 0, f"gamma must be positive, got {gamma}")
+        name = type(self).__name__
+        check_positive_number(name, "gamma", gamma)
+        check_finite_number(name, "b", b)
         if kernel_size is None:
             kernel_size = eca_kernel_size(in_channels, gamma, b)
-        self.require(
-            isinstance(kernel_size, int) and kernel_size > 0 and kernel_size % 2 == 1,
-            f"kernel_size must be None (adaptive) or a positive odd int, got {kernel_size!r}",
-        )
+        else:
+            check_positive_int(name, "kernel_size", kernel_size, odd=True)
         self.kernel_size = kernel_size
         self.conv = nn.Conv1d(1, 1, kernel_size, padding=(kernel_size - 1) // 2, bias=False)
         self.place(device, dtype)
@@ -517,7 +525,7 @@ class SimAM(ShapePreservingBlock):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(in_channels, out_channels, stride)
-        self.require(e_lambda > 0, f"e_lambda must be positive, got {e_lambda}")
+        check_positive_number(type(self).__name__, "e_lambda", e_lambda)
         self.e_lambda = e_lambda
         self.place(device, dtype)
 
