@@ -20,6 +20,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ..layers import ConvNormAct, LayerSpec
+from ..ops import involution_aggregate, use_fast_path
 from ..registry import register_block
 from .base import Block
 
@@ -159,6 +160,10 @@ def involution2d(x: torch.Tensor, kernel: torch.Tensor, stride: int = 1) -> torc
     dtype = torch.promote_types(x.dtype, kernel.dtype)
     x, kernel = x.to(dtype), kernel.to(dtype)
     n, c, h, w = x.shape
+    if use_fast_path(x, kernel):
+        p = (k - 1) // 2
+        xp = F.pad(x, (p, p + (-w) % stride, p, p + (-h) % stride))
+        return involution_aggregate(xp, kernel, stride)
     xp = _grouped_padded(x, groups, k, stride)
     if torch.is_grad_enabled() and (x.requires_grad or kernel.requires_grad):
         out = _Involution.apply(xp, kernel, stride)

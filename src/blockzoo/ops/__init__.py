@@ -1,0 +1,27 @@
+"""Fused CPU operators behind involution, ACmix's window attention and deformable convolution.
+
+Each family's file registers its kernels as PyTorch custom operators (``torch.library``, with fake
+implementations and autograd formulas), so ``torch.compile(fullgraph=True)`` sees one operator per
+call. The blocks call them through :func:`use_fast_path`; where that is false (numba missing,
+switched off, another device or dtype, ONNX export) they run their PyTorch reference forms.
+"""
+
+from ._backend import (
+    ENV_DISABLE,
+    fast_ops,
+    fast_ops_available,
+    fast_ops_enabled,
+    path_description,
+    use_fast_path,
+)
+from .involution import involution_aggregate
+
+__all__ = [
+    "ENV_DISABLE",
+    "fast_ops",
+    "fast_ops_available",
+    "fast_ops_enabled",
+    "involution_aggregate",
+    "path_description",
+    "use_fast_path",
+]
