@@ -14,14 +14,20 @@ from ._backend import (
     path_description,
     use_fast_path,
 )
-from .involution import involution_aggregate
+from .deform import deform_col2im, deform_conv2d, deform_im2col, finite_offset
+from .involution import involution_aggregate, involution_aggregate_backward
 
 __all__ = [
     "ENV_DISABLE",
+    "deform_col2im",
+    "deform_conv2d",
+    "deform_im2col",
     "fast_ops",
     "fast_ops_available",
     "fast_ops_enabled",
+    "finite_offset",
     "involution_aggregate",
+    "involution_aggregate_backward",
     "path_description",
     "use_fast_path",
 ]
