@@ -10,11 +10,14 @@ and the position encoding as the reference code does
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..layers import same_padding
+from ..ops import use_fast_path, window_attention
 from ..registry import register_block
 from .base import Block
 
@@ -124,9 +127,15 @@ def local_window_attention(
 
     Memory: the padded ``k - pe`` and ``v`` plus the ``(B, k^2, Ho, Wo)`` attention weights;
     every per-offset operand is a strided view of a padded tensor, so nothing of size
-    ``B * D * k^2 * Ho * Wo`` is stored, for the forward or for the backward.
+    ``B * D * k^2 * Ho * Wo`` is stored, for the forward or for the backward. On CPU
+    (float32/float64) the window sweep is one compiled operator,
+    :func:`blockzoo.ops.window_attention`; elsewhere it is written with PyTorch ops.
     """
     pad = dilation * (kernel_size - 1) // 2
+    if use_fast_path(q, k, v, pe):
+        keys, values = reflect_pad2d(k - pe, pad), reflect_pad2d(v, pad)
+        q = q[..., ::stride, ::stride]
+        return window_attention(q, keys, values, kernel_size, dilation, stride)[0]
     h, w = v.shape[-2:]
     att = window_attention_weights(q, k, pe, kernel_size, dilation, stride)
     values = reflect_pad2d(v, pad)
@@ -213,6 +222,7 @@ class ACmix(Block):
     """
 
     allowed_strides = (1, 2)
+    compiled_kernels: ClassVar[bool] = True  # blockzoo.ops runs the window attention
 
     def __init__(
         self,

@@ -14,6 +14,7 @@ sample outside the image on every path (:func:`blockzoo.ops.finite_offset`).
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -159,6 +160,7 @@ class _DeformConvBase(Block):
     """Shared body of :class:`DeformConv2d` and :class:`ModulatedDeformConv2d`."""
 
     allowed_strides = (1, 2)
+    compiled_kernels: ClassVar[bool] = True  # blockzoo.ops runs the sampling where it can
 
     modulated = False
 

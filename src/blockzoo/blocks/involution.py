@@ -14,6 +14,8 @@ largest tensors being a padded copy of the input, the kernel and their gradients
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -225,6 +227,7 @@ class Involution(Block):
     """
 
     allowed_strides = (1, 2)
+    compiled_kernels: ClassVar[bool] = True  # blockzoo.ops runs the aggregation where it can
 
     def __init__(
         self,

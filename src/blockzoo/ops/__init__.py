@@ -14,6 +14,7 @@ from ._backend import (
     path_description,
     use_fast_path,
 )
+from .acmix import window_attention, window_attention_backward
 from .deform import deform_col2im, deform_conv2d, deform_im2col, finite_offset
 from .involution import involution_aggregate, involution_aggregate_backward
 
@@ -30,4 +31,6 @@ __all__ = [
     "involution_aggregate_backward",
     "path_description",
     "use_fast_path",
+    "window_attention",
+    "window_attention_backward",
 ]
