@@ -18,6 +18,7 @@ from torchvision.ops import deform_conv2d as tv_deform_conv2d
 
 import blockzoo as bz
 from blockzoo import ops
+from blockzoo.blocks.acmix import acmix_attention_unfold_reference, local_window_attention
 from blockzoo.blocks.deform import deform_conv2d_torch, implementation
 from blockzoo.blocks.involution import involution2d, involution_unfold_reference
 
@@ -322,9 +323,108 @@ def test_deform_block_compiles_to_one_op_and_matches_eager() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# ACmix window attention
+
+
+def _attention_operands(b=4, d=8, h=9, w=7, dtype=torch.float32):
+    tensors = [torch.randn(b, d, h, w, dtype=dtype) for _ in range(3)]
+    tensors.append(torch.randn(1, d, h, w, dtype=dtype))
+    return tuple(t.requires_grad_() for t in tensors)
+
+
+@needs_numba
+@pytest.mark.parametrize(("size", "dilation", "stride", "h", "w"),
+                         [(7, 1, 1, 9, 8), (7, 1, 2, 9, 7), (3, 2, 1, 6, 5), (3, 1, 2, 1, 1),
+                          (7, 1, 1, 2, 3)])
+def test_window_attention_fast_equals_fallback_and_unfold(size, dilation, stride, h, w) -> None:
+    inputs = _attention_operands(h=h, w=w)
+    grad = torch.randn(4, 8, -(-h // stride), -(-w // stride))
+
+    def op(*args):
+        return local_window_attention(*args, size, dilation, stride)
+
+    fast = _grads(op, inputs, grad)
+    with ops.fast_ops(False):
+        fallback = _grads(op, inputs, grad)
+    unfold = _grads(lambda *a: acmix_attention_unfold_reference(*a, size, dilation, stride),
+                    inputs, grad)
+    _assert_same(fast, fallback)
+    _assert_same(fast, unfold)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize(("size", "dilation", "stride"), [(3, 1, 2), (3, 2, 1)])
+def test_window_attention_gradcheck_float64(fast, size, dilation, stride) -> None:
+    inputs = _attention_operands(2, 3, 5, 4, torch.float64)
+    with ops.fast_ops(fast):
+        assert torch.autograd.gradcheck(
+            lambda *a: local_window_attention(*a, size, dilation, stride), inputs
+        )
+
+
+@needs_numba
+def test_window_attention_opcheck() -> None:
+    q, k, v, _ = _attention_operands(2, 3, 5, 4)
+    keys = torch.randn(2, 3, 7, 6, requires_grad=True)
+    values = torch.randn(2, 3, 7, 6, requires_grad=True)
+    torch.library.opcheck(ops.window_attention, (q, keys, values, 3, 1, 1))
+    q_sub = q.detach()[..., ::2, ::2].contiguous().requires_grad_()
+    torch.library.opcheck(ops.window_attention, (q_sub, keys, values, 3, 1, 2))
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_acmix_deterministic_channels_last_non_finite_and_empty(fast: bool) -> None:
+    block = bz.ACmix(16, 16)
+    x = torch.randn(2, 16, 9, 7, requires_grad=True)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with ops.fast_ops(fast):
+            runs = []
+            for _ in range(2):
+                y = block(x)
+                runs.append((y, *torch.autograd.grad(y.square().sum(), (x, block.conv1.weight))))
+            cl = block(x.detach().to(memory_format=torch.channels_last))
+            bad = x.detach().clone()
+            bad[0, 3, 4, 4] = float("nan")
+            bad[1, 2, 0, 0] = float("inf")
+            non_finite = block(bad)
+            empty = block(torch.randn(0, 16, 9, 7))
+    finally:
+        torch.use_deterministic_algorithms(was)
+    _assert_same(runs[0], runs[1], rtol=0, atol=0)
+    torch.testing.assert_close(cl, runs[0][0], **TOL)
+    assert empty.shape == (0, 16, 9, 7)
+    assert non_finite.isnan().any() and non_finite.isfinite().any()
+    with ops.fast_ops(not fast):
+        other = block(bad)
+    torch.testing.assert_close(non_finite, other, equal_nan=True, **TOL)
+
+
+@needs_numba
+def test_acmix_compiles_to_one_attention_op_and_matches_eager() -> None:
+    block = bz.ACmix(8, 8)
+    x = torch.randn(2, 8, 7, 6, requires_grad=True)
+    seen: list[str] = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(node.target) for node in gm.graph.nodes)
+        return gm
+
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True, backend=backend)
+    y = compiled(x)
+    torch.testing.assert_close(y, block(x), **TOL)
+    (grad,) = torch.autograd.grad(y.square().sum(), x)
+    (expected,) = torch.autograd.grad(block(x).square().sum(), x)
+    torch.testing.assert_close(grad, expected, **TOL)
+    assert any("window_attention" in target for target in seen)
+
+
+# ---------------------------------------------------------------------------------------------
 # switching, reporting, and the contract suite over the fallback
 
-FAST_BLOCKS = ["involution", "deform_conv", "mdeform_conv"]
+FAST_BLOCKS = ["involution", "acmix", "deform_conv", "mdeform_conv"]
 
 
 def test_use_fast_path_rules() -> None:
