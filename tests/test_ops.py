@@ -389,12 +389,15 @@ def test_acmix_deterministic_channels_last_non_finite_and_empty(fast: bool) -> N
             bad[0, 3, 4, 4] = float("nan")
             bad[1, 2, 0, 0] = float("inf")
             non_finite = block(bad)
-            empty = block(torch.randn(0, 16, 9, 7))
+            empty_inputs = _attention_operands(0, 4, 5, 3)
+            empty = local_window_attention(*empty_inputs, 3, 1, 2)
+            empty.sum().backward()
     finally:
         torch.use_deterministic_algorithms(was)
     _assert_same(runs[0], runs[1], rtol=0, atol=0)
     torch.testing.assert_close(cl, runs[0][0], **TOL)
-    assert empty.shape == (0, 16, 9, 7)
+    assert empty.shape == (0, 4, 3, 2)
+    assert all(t.grad is not None and t.grad.shape == t.shape for t in empty_inputs)
     assert non_finite.isnan().any() and non_finite.isfinite().any()
     with ops.fast_ops(not fast):
         other = block(bad)
@@ -445,6 +448,28 @@ def test_environment_variable_disables_the_fast_path() -> None:
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                             text=True, check=True, timeout=120)
     assert result.stdout.startswith("False") and ops.ENV_DISABLE in result.stdout
+
+
+def _forked_child(queue) -> None:
+    x, kernel = torch.ones(1, 4, 5, 5), torch.ones(1, 1, 3, 3, 5, 5)
+    queue.put(float(involution2d(x, kernel).sum()))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="fork start method")
+def test_a_forked_child_after_the_kernels_ran_still_computes() -> None:
+    """GNU OpenMP terminates a forked child that enters a parallel region: it takes the
+    reference forms instead (same result)."""
+    import multiprocessing
+
+    x, kernel = torch.ones(1, 4, 5, 5), torch.ones(1, 1, 3, 3, 5, 5)
+    expected = float(involution2d(x, kernel).sum())
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_forked_child, args=(queue,))
+    child.start()
+    child.join(120)
+    assert child.exitcode == 0
+    assert queue.get(timeout=10) == expected
 
 
 @pytest.mark.parametrize("name", FAST_BLOCKS)

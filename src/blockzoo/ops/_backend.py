@@ -27,6 +27,21 @@ FAST_DTYPES = (torch.float32, torch.float64)
 _state = {"enabled": numba is not None and os.environ.get(ENV_DISABLE, "") in ("", "0")}
 
 
+def _after_fork_in_child() -> None:
+    """A forked child of a process whose kernels ran on GNU OpenMP threads would be terminated
+    by the OpenMP runtime on its first parallel region: the child runs the reference forms."""
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no kernel has run yet: the child may start its own threads
+        return
+    if layer == "omp":
+        _state["enabled"] = False
+
+
+if numba is not None and hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def fast_ops_available() -> bool:
     """Whether the compiled kernels can run at all (numba is installed)."""
     return numba is not None
