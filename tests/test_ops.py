@@ -450,6 +450,18 @@ def test_environment_variable_disables_the_fast_path() -> None:
     assert result.stdout.startswith("False") and ops.ENV_DISABLE in result.stdout
 
 
+@needs_numba
+def test_kernels_keep_torch_thread_count() -> None:
+    """Numba's OpenMP pool sets the shared OpenMP thread count when it starts; torch's is kept."""
+    code = ("import torch; torch.set_num_threads(1); from blockzoo.blocks.involution import "
+            "involution2d; involution2d(torch.ones(1, 4, 5, 5), torch.ones(1, 1, 3, 3, 5, 5)); "
+            "print(torch.get_num_threads())")
+    env = {key: value for key, value in os.environ.items() if key != ops.ENV_DISABLE}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                            text=True, check=True, timeout=120)
+    assert result.stdout.strip() == "1"
+
+
 def _forked_child(queue) -> None:
     x, kernel = torch.ones(1, 4, 5, 5), torch.ones(1, 1, 3, 3, 5, 5)
     queue.put(float(involution2d(x, kernel).sum()))

@@ -101,9 +101,20 @@ def kernel(parallel: bool = True) -> Callable[[Callable[..., Any]], Callable[...
 prange = range if numba is None else numba.prange
 
 
-def set_threads() -> None:
-    """Run the kernels on as many threads as torch uses (``torch.set_num_threads``)."""
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+@contextlib.contextmanager
+def kernel_threads() -> Iterator[None]:
+    """Run the kernels inside on as many threads as torch uses (``torch.set_num_threads``).
+
+    Numba's OpenMP layer sets the process-wide OpenMP thread count when it starts its pool,
+    which torch shares: torch's count is put back afterwards.
+    """
+    count = torch.get_num_threads()
+    numba.set_num_threads(max(1, min(count, numba.config.NUMBA_NUM_THREADS)))
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != count:
+            torch.set_num_threads(count)
 
 
 def as_array(t: torch.Tensor) -> Any:

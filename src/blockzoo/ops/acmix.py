@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ._backend import as_array, kernel, prange, set_threads
+from ._backend import as_array, kernel, kernel_threads, prange
 
 
 @kernel()
@@ -154,9 +154,9 @@ def window_attention(
     out_shape, att_shape = _shapes(q, size)
     out, att = q.new_empty(out_shape), q.new_empty(att_shape)
     if out.numel() or att.numel():
-        set_threads()
-        _forward(as_array(q), as_array(keys), as_array(values), size, dilation, stride,
-                 as_array(out), as_array(att))
+        with kernel_threads():
+            _forward(as_array(q), as_array(keys), as_array(values), size, dilation, stride,
+                     as_array(out), as_array(att))
     return out, att
 
 
@@ -175,12 +175,13 @@ def window_attention_backward(
     grad, q, keys, values, att = (t.contiguous() for t in (grad, q, keys, values, att))
     grad_q, grad_keys, grad_values = (torch.empty_like(t) for t in (q, keys, values))
     if grad.numel():
-        set_threads()
         grad_scores = torch.empty_like(att)
         arrays = [as_array(t) for t in (grad, q, keys, values, att)]
-        _backward_rows(*arrays, size, dilation, stride, as_array(grad_scores), as_array(grad_q))
-        _backward_planes(arrays[0], arrays[1], arrays[4], as_array(grad_scores), size, dilation,
-                         stride, as_array(grad_keys), as_array(grad_values))
+        with kernel_threads():
+            _backward_rows(*arrays, size, dilation, stride, as_array(grad_scores),
+                           as_array(grad_q))
+            _backward_planes(arrays[0], arrays[1], arrays[4], as_array(grad_scores), size,
+                             dilation, stride, as_array(grad_keys), as_array(grad_values))
     else:
         for t in (grad_q, grad_keys, grad_values):
             t.zero_()

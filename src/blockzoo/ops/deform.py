@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.nn.modules.utils import _pair
 
-from ._backend import as_array, kernel, prange, set_threads
+from ._backend import as_array, kernel, kernel_threads, prange
 
 IntPair = int | tuple[int, int]
 
@@ -183,9 +183,9 @@ def deform_im2col(
     mask_array, has_mask = _mask_operand(x, mask)
     columns = x.new_empty(_columns_shape(x, offset, geometry[0] * geometry[1]))
     if columns.numel():
-        set_threads()
-        _im2col(as_array(x), as_array(offset), as_array(mask_array), has_mask,
-                np.asarray(geometry, dtype=np.int64), as_array(columns))
+        with kernel_threads():
+            _im2col(as_array(x), as_array(offset), as_array(mask_array), has_mask,
+                    np.asarray(geometry, dtype=np.int64), as_array(columns))
     return columns
 
 
@@ -209,10 +209,10 @@ def deform_col2im(
     grad_x, grad_offset = torch.zeros_like(x), torch.zeros_like(offset)
     grad_mask = torch.zeros_like(mask_array)
     if grad_columns.numel():
-        set_threads()
-        _col2im(as_array(x), as_array(offset), as_array(mask_array), has_mask,
-                np.asarray(geometry, dtype=np.int64), as_array(grad_columns),
-                as_array(grad_x), as_array(grad_offset), as_array(grad_mask))
+        with kernel_threads():
+            _col2im(as_array(x), as_array(offset), as_array(mask_array), has_mask,
+                    np.asarray(geometry, dtype=np.int64), as_array(grad_columns),
+                    as_array(grad_x), as_array(grad_offset), as_array(grad_mask))
     return grad_x, grad_offset, grad_mask
 
 

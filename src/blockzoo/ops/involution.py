@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ._backend import as_array, kernel, prange, set_threads
+from ._backend import as_array, kernel, kernel_threads, prange
 
 
 @kernel()
@@ -105,8 +105,8 @@ def involution_aggregate(xp: torch.Tensor, weight: torch.Tensor, stride: int) ->
     xp, weight = xp.contiguous(), weight.contiguous()
     out = xp.new_empty(_output_shape(xp, weight))
     if out.numel():
-        set_threads()
-        _forward(as_array(xp), as_array(weight), stride, as_array(out))
+        with kernel_threads():
+            _forward(as_array(xp), as_array(weight), stride, as_array(out))
     return out
 
 
@@ -123,9 +123,9 @@ def involution_aggregate_backward(
     grad, xp, weight = grad.contiguous(), xp.contiguous(), weight.contiguous()
     grad_xp, grad_weight = torch.empty_like(xp), torch.empty_like(weight)
     if grad_xp.numel() and grad_weight.numel():
-        set_threads()
-        _backward_input(as_array(grad), as_array(weight), stride, as_array(grad_xp))
-        _backward_kernel(as_array(grad), as_array(xp), stride, as_array(grad_weight))
+        with kernel_threads():
+            _backward_input(as_array(grad), as_array(weight), stride, as_array(grad_xp))
+            _backward_kernel(as_array(grad), as_array(xp), stride, as_array(grad_weight))
     else:
         grad_xp.zero_()
         grad_weight.zero_()
