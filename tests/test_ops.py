@@ -221,8 +221,10 @@ def test_deform_opcheck() -> None:
         (x, offset, _, _, mask), kw = _deform_problem(case, n=1, h=5, w=4)
         geometry = [3, 3, kw["stride"], kw["stride"], kw["padding"], kw["padding"],
                     kw["dilation"], kw["dilation"]]
-        args = (x.requires_grad_(), offset.requires_grad_(), mask.requires_grad_(), geometry)
-        torch.library.opcheck(ops.deform_im2col, args)
+        weight = torch.randn(6, 4 // case[3], 3, 3, requires_grad=True)
+        args = (x.requires_grad_(), offset.requires_grad_(), mask.requires_grad_(), weight,
+                geometry)
+        torch.library.opcheck(ops.deform_conv2d_op, args)
 
 
 @pytest.mark.parametrize("fast", [True, False])
@@ -319,7 +321,7 @@ def test_deform_block_compiles_to_one_op_and_matches_eager() -> None:
     (grad,) = torch.autograd.grad(y.square().sum(), x)
     (expected,) = torch.autograd.grad(block(x).square().sum(), x)
     torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-5)
-    assert any("deform_im2col" in target for target in seen)
+    assert any("deform_conv2d" in target for target in seen)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,14 +15,14 @@ from ._backend import (
     use_fast_path,
 )
 from .acmix import window_attention, window_attention_backward
-from .deform import deform_col2im, deform_conv2d, deform_im2col, finite_offset
+from .deform import deform_conv2d, deform_conv2d_backward, deform_conv2d_op, finite_offset
 from .involution import involution_aggregate, involution_aggregate_backward
 
 __all__ = [
     "ENV_DISABLE",
-    "deform_col2im",
     "deform_conv2d",
-    "deform_im2col",
+    "deform_conv2d_backward",
+    "deform_conv2d_op",
     "fast_ops",
     "fast_ops_available",
     "fast_ops_enabled",

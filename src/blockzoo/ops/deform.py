@@ -3,13 +3,15 @@
 Deformable Convolutional Networks, Dai et al., ICCV 2017, arXiv 1703.06211; Deformable ConvNets
 v2, Zhu et al., CVPR 2019, arXiv 1811.11168
 
-:func:`deform_conv2d` computes ``torchvision.ops.deform_conv2d`` (same arguments and layouts) as a
-bilinear im2col, one compiled operator (``blockzoo::deform_im2col``), followed by a batched
-matrix product (BLAS). The im2col computes each sampling point's four corners and weights once per
-offset group and kernel tap, then gathers them for every channel of the group (parallel over
-batch, offset group and tap). Its backward (``blockzoo::deform_col2im``) gives the gradients to the
-input, the offsets and the mask in one pass, parallel over batch and offset group, each job
-writing only its own channels and offsets, so it is deterministic.
+:func:`deform_conv2d` computes ``torchvision.ops.deform_conv2d`` (same arguments and layouts) as
+one custom operator (``blockzoo::deform_conv2d``): a compiled bilinear im2col followed by a
+batched matrix product (BLAS). The im2col computes each sampling point's four corners and weights
+once per offset group, kernel tap and block of output positions, then gathers them for every
+channel of the group (parallel over batch, offset group and tap). The backward operator
+(``blockzoo::deform_conv2d_backward``) gives the gradients to the input, the offsets and the mask
+in one compiled pass, parallel over batch and offset group, each job writing only its own channels
+and offsets (deterministic), then rebuilds the columns for the weight gradient instead of keeping
+them from the forward pass.
 
 Non-finite offsets: :func:`finite_offset` replaces NaN and +-inf offsets by a finite offset that
 places the sampling point outside the image, where the sample is zero (as for any point beyond the
@@ -27,6 +29,7 @@ from torch.nn.modules.utils import _pair
 from ._backend import as_array, kernel, kernel_threads, prange
 
 IntPair = int | tuple[int, int]
+_BLOCK = 512  # output positions whose sampling plan (corner indices and weights) stays in cache
 
 
 def finite_offset(
@@ -60,32 +63,37 @@ def _im2col(x, offset, mask, has_mask, geometry, columns):  # pragma: no cover -
     cg = c // groups
     for job in prange(n * groups * taps):
         b, g, t = job // (groups * taps), (job // taps) % groups, job % taps
-        index = np.zeros((4, length), dtype=np.int64)
-        weight = np.zeros((4, length), dtype=x.dtype)
-        for l in range(length):
-            i, j = l // wo, l % wo
-            py = i * sh - ph + (t // kw) * dh + offset[b, 2 * (g * taps + t), i, j]
-            px = j * sw - pw + (t % kw) * dw + offset[b, 2 * (g * taps + t) + 1, i, j]
-            if not (py > -1 and py < h and px > -1 and px < w):
-                continue
-            scale = mask[b, g * taps + t, i, j] if has_mask else 1.0
-            y0, x0 = int(np.floor(py)), int(np.floor(px))
-            ly, lx = py - y0, px - x0
-            for corner in range(4):
-                cy, cx = y0 + corner // 2, x0 + corner % 2
-                if cy >= 0 and cy < h and cx >= 0 and cx < w:
-                    wy = ly if corner // 2 else 1 - ly
-                    wx = lx if corner % 2 else 1 - lx
-                    index[corner, l] = cy * w + cx
-                    weight[corner, l] = wy * wx * scale
-        for cc in range(cg):
-            ch = g * cg + cc
-            plane = x[b, ch].ravel()
-            row = columns[b, ch * taps + t]
-            for l in range(length):
-                row[l] = (weight[0, l] * plane[index[0, l]] + weight[1, l] * plane[index[1, l]]
-                          + weight[2, l] * plane[index[2, l]]
-                          + weight[3, l] * plane[index[3, l]])
+        index = np.zeros((4, _BLOCK), dtype=np.int32)
+        weight = np.zeros((4, _BLOCK), dtype=x.dtype)
+        for start in range(0, length, _BLOCK):
+            stop = min(start + _BLOCK, length)
+            index[:] = 0
+            weight[:] = 0
+            for l in range(start, stop):
+                i, j = l // wo, l % wo
+                py = i * sh - ph + (t // kw) * dh + offset[b, 2 * (g * taps + t), i, j]
+                px = j * sw - pw + (t % kw) * dw + offset[b, 2 * (g * taps + t) + 1, i, j]
+                if not (py > -1 and py < h and px > -1 and px < w):
+                    continue
+                scale = mask[b, g * taps + t, i, j] if has_mask else 1.0
+                y0, x0 = int(np.floor(py)), int(np.floor(px))
+                ly, lx = py - y0, px - x0
+                for corner in range(4):
+                    cy, cx = y0 + corner // 2, x0 + corner % 2
+                    if cy >= 0 and cy < h and cx >= 0 and cx < w:
+                        wy = ly if corner // 2 else 1 - ly
+                        wx = lx if corner % 2 else 1 - lx
+                        index[corner, l - start] = cy * w + cx
+                        weight[corner, l - start] = wy * wx * scale
+            for cc in range(cg):
+                ch = g * cg + cc
+                plane = x[b, ch].ravel()
+                row = columns[b, ch * taps + t]
+                for l in range(stop - start):
+                    row[start + l] = (weight[0, l] * plane[index[0, l]]
+                                      + weight[1, l] * plane[index[1, l]]
+                                      + weight[2, l] * plane[index[2, l]]
+                                      + weight[3, l] * plane[index[3, l]])
 
 
 @kernel()
@@ -170,17 +178,7 @@ def _mask_operand(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Ten
     return mask.contiguous(), True
 
 
-@torch.library.custom_op("blockzoo::deform_im2col", mutates_args=())
-def deform_im2col(
-    x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor | None, geometry: list[int]
-) -> torch.Tensor:
-    """Bilinear im2col: ``(N, C * kh * kw, Ho * Wo)`` columns in ``weight.flatten(1)``'s order.
-
-    ``geometry`` is ``[kh, kw, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w]``;
-    ``offset``/``mask`` in torchvision's layout (see :func:`deform_conv2d`).
-    """
-    x, offset = x.contiguous(), offset.contiguous()
-    mask_array, has_mask = _mask_operand(x, mask)
+def _run_im2col(x, offset, mask_array, has_mask, geometry) -> torch.Tensor:
     columns = x.new_empty(_columns_shape(x, offset, geometry[0] * geometry[1]))
     if columns.numel():
         with kernel_threads():
@@ -189,52 +187,96 @@ def deform_im2col(
     return columns
 
 
-@deform_im2col.register_fake
-def _(x, offset, mask, geometry):
-    return x.new_empty(_columns_shape(x, offset, geometry[0] * geometry[1]))
+def _kernel_matrix(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """``(O, C / groups, kh, kw) -> (groups, O / groups, C / groups * kh * kw)``."""
+    return weight.reshape(groups, weight.shape[0] // groups, -1)
 
 
-@torch.library.custom_op("blockzoo::deform_col2im", mutates_args=())
-def deform_col2im(
-    grad_columns: torch.Tensor,
-    x: torch.Tensor,
-    offset: torch.Tensor,
-    mask: torch.Tensor | None,
+def _out_shape(x, offset, weight) -> tuple[int, int, int, int]:
+    return x.shape[0], weight.shape[0], offset.shape[2], offset.shape[3]
+
+
+@torch.library.custom_op("blockzoo::deform_conv2d", mutates_args=())
+def deform_conv2d_op(
+    x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor | None, weight: torch.Tensor,
     geometry: list[int],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of :func:`deform_im2col` to ``x``, ``offset`` and ``mask`` (a ``(1, 1, 1, 1)``
-    zero for the mask when there is none)."""
-    grad_columns, x, offset = grad_columns.contiguous(), x.contiguous(), offset.contiguous()
+) -> torch.Tensor:
+    """Deformable convolution without bias: bilinear im2col, then a batched matrix product.
+
+    ``geometry`` is ``[kh, kw, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w]``;
+    layouts as :func:`deform_conv2d`. CPU, float32/float64, equal dtypes.
+    """
+    x, offset, weight = x.contiguous(), offset.contiguous(), weight.contiguous()
     mask_array, has_mask = _mask_operand(x, mask)
+    n, c = x.shape[:2]
+    groups = c // weight.shape[1]
+    columns = _run_im2col(x, offset, mask_array, has_mask, geometry)
+    columns = columns.reshape(n, groups, -1, columns.shape[-1])
+    out = torch.matmul(_kernel_matrix(weight, groups), columns)
+    return out.reshape(_out_shape(x, offset, weight))
+
+
+@deform_conv2d_op.register_fake
+def _(x, offset, mask, weight, geometry):
+    return x.new_empty(_out_shape(x, offset, weight))
+
+
+@torch.library.custom_op("blockzoo::deform_conv2d_backward", mutates_args=())
+def deform_conv2d_backward(
+    grad: torch.Tensor, x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor | None,
+    weight: torch.Tensor, geometry: list[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`deform_conv2d_op` to ``x``, ``offset``, ``mask`` (a ``(1, 1, 1, 1)``
+    zero when there is none) and ``weight``.
+
+    The column gradients are scattered and freed before the columns are rebuilt for the weight
+    gradient, so at most one columns-sized buffer is alive at a time (nothing is saved from the
+    forward pass but its inputs).
+    """
+    grad, x, offset, weight = (t.contiguous() for t in (grad, x, offset, weight))
+    mask_array, has_mask = _mask_operand(x, mask)
+    n, c = x.shape[:2]
+    groups = c // weight.shape[1]
+    kernel_matrix = _kernel_matrix(weight, groups)
+    grad_rows = grad.reshape(n, groups, kernel_matrix.shape[1], -1)
     grad_x, grad_offset = torch.zeros_like(x), torch.zeros_like(offset)
     grad_mask = torch.zeros_like(mask_array)
+    grad_columns = torch.matmul(kernel_matrix.transpose(1, 2), grad_rows).reshape(
+        _columns_shape(x, offset, geometry[0] * geometry[1])
+    )
     if grad_columns.numel():
         with kernel_threads():
             _col2im(as_array(x), as_array(offset), as_array(mask_array), has_mask,
                     np.asarray(geometry, dtype=np.int64), as_array(grad_columns),
                     as_array(grad_x), as_array(grad_offset), as_array(grad_mask))
-    return grad_x, grad_offset, grad_mask
+    del grad_columns
+    columns = _run_im2col(x, offset, mask_array, has_mask, geometry)
+    columns = columns.reshape(n, groups, -1, columns.shape[-1])
+    grad_weight = torch.matmul(grad_rows, columns.transpose(2, 3)).sum(0)
+    return grad_x, grad_offset, grad_mask, grad_weight.reshape(weight.shape)
 
 
-@deform_col2im.register_fake
-def _(grad_columns, x, offset, mask, geometry):
+@deform_conv2d_backward.register_fake
+def _(grad, x, offset, mask, weight, geometry):
     grad_mask = torch.empty_like(mask) if mask is not None else x.new_empty(1, 1, 1, 1)
-    return torch.empty_like(x), torch.empty_like(offset), grad_mask
+    return torch.empty_like(x), torch.empty_like(offset), grad_mask, torch.empty_like(weight)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, offset, mask, geometry = inputs
-    ctx.save_for_backward(x, offset, mask)
+    x, offset, mask, weight, geometry = inputs
+    ctx.save_for_backward(x, offset, mask, weight)
     ctx.geometry = geometry
 
 
-def _backward(ctx, grad_columns):
-    x, offset, mask = ctx.saved_tensors
-    grad_x, grad_offset, grad_mask = deform_col2im(grad_columns, x, offset, mask, ctx.geometry)
-    return grad_x, grad_offset, (grad_mask if mask is not None else None), None
+def _backward(ctx, grad):
+    x, offset, mask, weight = ctx.saved_tensors
+    grad_x, grad_offset, grad_mask, grad_weight = deform_conv2d_backward(
+        grad, x, offset, mask, weight, ctx.geometry
+    )
+    return grad_x, grad_offset, (grad_mask if mask is not None else None), grad_weight, None
 
 
-deform_im2col.register_autograd(_backward, setup_context=_setup_context)
+deform_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def deform_conv2d(
@@ -247,7 +289,7 @@ def deform_conv2d(
     dilation: IntPair = 1,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``torchvision.ops.deform_conv2d`` on the compiled im2col (CPU, float32/float64).
+    """``torchvision.ops.deform_conv2d`` on the compiled operator (CPU, float32/float64).
 
     ``input`` ``(N, C, H, W)``; ``offset`` ``(N, 2 * G * kh * kw, Ho, Wo)`` (row offset, then
     column offset, per offset group and row-major tap); ``mask`` ``(N, G * kh * kw, Ho, Wo)`` or
@@ -255,14 +297,8 @@ def deform_conv2d(
     outside the image (zero sample, zero gradient). Returns ``(N, O, Ho, Wo)``.
     """
     (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
-    n, c = input.shape[:2]
-    out_channels, c_per_group, kh, kw = weight.shape
-    groups = c // c_per_group
-    ho, wo = offset.shape[-2:]
-    columns = deform_im2col(input, offset, mask, [kh, kw, sh, sw, ph, pw, dh, dw])
-    columns = columns.reshape(n, groups, c_per_group * kh * kw, ho * wo)
-    kernel_matrix = weight.reshape(groups, out_channels // groups, c_per_group * kh * kw)
-    out = torch.matmul(kernel_matrix, columns).reshape(n, out_channels, ho, wo)
+    kh, kw = weight.shape[-2:]
+    out = deform_conv2d_op(input, offset, mask, weight, [kh, kw, sh, sw, ph, pw, dh, dw])
     if bias is not None:
         out = out + bias.reshape(1, -1, 1, 1)
     return out
