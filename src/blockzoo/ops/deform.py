@@ -211,7 +211,7 @@ def deform_conv2d_op(
     n, c = x.shape[:2]
     groups = c // weight.shape[1]
     columns = _run_im2col(x, offset, mask_array, has_mask, geometry)
-    columns = columns.reshape(n, groups, -1, columns.shape[-1])
+    columns = columns.reshape(n, groups, columns.shape[1] // groups, columns.shape[2])
     out = torch.matmul(_kernel_matrix(weight, groups), columns)
     return out.reshape(_out_shape(x, offset, weight))
 
@@ -238,7 +238,7 @@ def deform_conv2d_backward(
     n, c = x.shape[:2]
     groups = c // weight.shape[1]
     kernel_matrix = _kernel_matrix(weight, groups)
-    grad_rows = grad.reshape(n, groups, kernel_matrix.shape[1], -1)
+    grad_rows = grad.reshape(n, groups, kernel_matrix.shape[1], grad.shape[2] * grad.shape[3])
     grad_x, grad_offset = torch.zeros_like(x), torch.zeros_like(offset)
     grad_mask = torch.zeros_like(mask_array)
     grad_columns = torch.matmul(kernel_matrix.transpose(1, 2), grad_rows).reshape(
@@ -251,7 +251,7 @@ def deform_conv2d_backward(
                     as_array(grad_x), as_array(grad_offset), as_array(grad_mask))
     del grad_columns
     columns = _run_im2col(x, offset, mask_array, has_mask, geometry)
-    columns = columns.reshape(n, groups, -1, columns.shape[-1])
+    columns = columns.reshape(n, groups, columns.shape[1] // groups, columns.shape[2])
     grad_weight = torch.matmul(grad_rows, columns.transpose(2, 3)).sum(0)
     return grad_x, grad_offset, grad_mask, grad_weight.reshape(weight.shape)
 
