@@ -252,7 +252,9 @@ def deform_conv2d_backward(
     del grad_columns
     columns = _run_im2col(x, offset, mask_array, has_mask, geometry)
     columns = columns.reshape(n, groups, columns.shape[1] // groups, columns.shape[2])
-    grad_weight = torch.matmul(grad_rows, columns.transpose(2, 3)).sum(0)
+    grad_weight = torch.zeros_like(kernel_matrix)
+    for sample in range(n):  # one sample at a time: no (N, O, C * kh * kw) intermediate
+        grad_weight.baddbmm_(grad_rows[sample], columns[sample].transpose(1, 2))
     return grad_x, grad_offset, grad_mask, grad_weight.reshape(weight.shape)
 
 
