@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 CONSTRAINTS := requirements/constraints.txt
 
-.PHONY: demo test lint readme clean
+.PHONY: demo test test-fast lint readme clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,8 @@ $(VENV)/.dev-installed: $(VENV)/.base-installed
 # The main job: compare every conv-kind and attention block against a plain 3x3 conv on CPU.
 DEMO_SIZE ?= --size 32 --batch 4
 demo: $(VENV)/.base-installed
-	$(BIN)/blockzoo compare --kind conv --kind attention $(DEMO_SIZE) --format markdown \
-		--save reports/compare.md --plot reports/compare.png
+	$(BIN)/blockzoo compare --kind conv --kind attention $(DEMO_SIZE) --budget 3 \
+		--format markdown --save reports/compare.md --plot reports/compare.png
 
 lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check src tests benchmarks
@@ -31,9 +31,15 @@ lint: $(VENV)/.dev-installed
 test: lint
 	$(BIN)/python -m pytest -n auto -q
 
-# Regenerate README's block table from the registry (a test checks it is current).
+# The inner loop: everything but torch.compile, ONNX export and other slow tests.
+test-fast: lint
+	$(BIN)/python -m pytest -n auto -q -m "not compile and not export and not slow"
+
+# Regenerate README's block table and demo sample (a real run of the demo's comparison) and
+# docs/models.md's model table (tests check the tables and the sample's FLOPs are current).
 readme: $(VENV)/.base-installed
 	$(BIN)/python -m blockzoo.tools.readme README.md
+	$(BIN)/python -m blockzoo.models.table docs/models.md
 
 clean:
 	rm -rf $(VENV) reports .pytest_cache

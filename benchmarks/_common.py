@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
-import platform
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
 
-from blockzoo.tools.profile import peak_memory
+from blockzoo.tools.profile import cpu_model, peak_memory
+
+__all__ = ["Step", "cpu_model", "peak_bytes", "time_interleaved"]
 
 Step = Callable[[], None]
-
-
-def cpu_model() -> str:
-    """The CPU model from /proc/cpuinfo (Linux), else what ``platform`` knows."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
 
 
 def time_interleaved(

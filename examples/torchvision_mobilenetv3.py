@@ -9,6 +9,9 @@
    the identity when fresh, so it goes in as a gated residual with gamma = 0.
 2. Dynamic convolution (DY-Conv) for the 1x1 projection convs of the last stage (the paper
    makes every conv of DY-MobileNet dynamic; its experts start as the pretrained kernel).
+   The dynamic convs start at softmax temperature 30: when fine-tuning, anneal it with
+   ``bz.TemperatureSchedule(model, epochs=10)`` stepped once per epoch (as in
+   ``torchvision_resnet.py``).
 """
 
 from __future__ import annotations

@@ -1,8 +1,14 @@
-"""Helpers for the block contract suite: the configurations each registered block is tested in."""
+"""Helpers for the block contract suite: the configurations each registered block is tested in.
+
+Every registered block is tested with :data:`DEFAULT_EXAMPLE` unless :data:`EXAMPLES` gives it
+settings of its own (a wider output, options that exercise more of it, or the constructor
+arguments used for ONNX export). A new block that needs non-default test settings adds an
+entry to :data:`EXAMPLES`.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -11,6 +17,47 @@ import blockzoo as bz
 
 #: bf16 autocast tolerance: ||y_bf16 - y_fp32|| / ||y_fp32|| must stay below this.
 BF16_RELATIVE_TOLERANCE = 5e-2
+
+
+@dataclass(frozen=True)
+class Example:
+    """The small configuration the contract suite runs a block in.
+
+    ``out_channels`` is used only for blocks whose width is ``"free"`` (besides the default
+    ``None``); ``export_kwargs`` are extra constructor arguments for the ONNX export test.
+    """
+
+    in_channels: int = 16
+    out_channels: int | None = 24
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    export_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+DEFAULT_EXAMPLE = Example()
+
+_RESIDUAL = Example(out_channels=32)
+#: Blocks tested with settings other than :data:`DEFAULT_EXAMPLE`.
+EXAMPLES: dict[str, Example] = {
+    "bottleneck": _RESIDUAL,
+    "basic_residual": _RESIDUAL,
+    "residual": Example(out_channels=32, kwargs={"attention": "se"}),
+    "resnext": Example(out_channels=32, kwargs={"cardinality": 4, "base_width": 16}),
+    "sk_unit": _RESIDUAL,
+    "inverted_residual": Example(out_channels=32, kwargs={"attention": "coord_att"}),
+    "involution": Example(in_channels=32),
+    "dense": Example(kwargs={"num_layers": 2, "growth_rate": 8}),
+    "nasnet_normal_cell": Example(kwargs={"cell_channels": 8}),
+    "amoebanet_normal_cell": Example(kwargs={"cell_channels": 8}),
+    # torchvision's deformable op exports as ONNX DeformConv (opset 19); the pure-PyTorch
+    # sampler exports in opset 18.
+    "deform_conv": Example(export_kwargs={"impl": "torch"}),
+    "mdeform_conv": Example(export_kwargs={"impl": "torch"}),
+}
+
+
+def example(name: str) -> Example:
+    """The contract settings of block ``name``."""
+    return EXAMPLES.get(name, DEFAULT_EXAMPLE)
 
 
 @dataclass(frozen=True)
@@ -49,9 +96,10 @@ class Config:
 def configs(name: str) -> list[Config]:
     """Every (out_channels, stride) combination the block's registry entry allows."""
     info = bz.block_info(name)
-    outs = [None] + ([info.example_out] if info.width == "free" and info.example_out else [])
+    ex = example(name)
+    outs = [None] + ([ex.out_channels] if info.width == "free" and ex.out_channels else [])
     return [
-        Config(name, info.example_in, out, stride, dict(info.example_kwargs))
+        Config(name, ex.in_channels, out, stride, dict(ex.kwargs))
         for stride in info.strides
         for out in outs
     ]

@@ -283,10 +283,12 @@ def test_extra_flops_counts_the_window_attention() -> None:
 
     block = bz.ACmix(16, 32, stride=2, kernel_att=7).eval()
     x = torch.randn(2, 16, 9, 7)
-    assert block.extra_flops(x) == 4 * (2 * 5 * 4) * 32 * 49
+    # q scaling and k - pe per q/k value; scores, weighted sum and the two rates per output
+    declared = 2 * (2 * 2 * 32 * 9 * 7 + (2 * 49 + 2) * 2 * 32 * 5 * 4)
+    assert block.extra_flops(x) == declared
     block.extra_flops = lambda x: 0  # the counter alone, for comparison
     with torch.no_grad():
         seen = count_flops(block, x)
     del block.extra_flops
     with torch.no_grad():
-        assert count_flops(block, x) == seen + 4 * (2 * 5 * 4) * 32 * 49
+        assert count_flops(block, x) == seen + declared

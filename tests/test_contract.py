@@ -17,7 +17,15 @@ from torch.export import Dim
 
 import blockzoo as bz
 
-from .contract import BF16_RELATIVE_TOLERANCE, Config, all_configs, configs, main_config
+from .contract import (
+    BF16_RELATIVE_TOLERANCE,
+    EXAMPLES,
+    Config,
+    all_configs,
+    configs,
+    example,
+    main_config,
+)
 
 NAMES = bz.list_blocks()
 CONFIGS = all_configs()
@@ -31,8 +39,15 @@ def _run(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def test_every_kind_has_blocks_and_every_block_has_configs() -> None:
     assert NAMES, "no block registered"
+    for kind in bz.KINDS:
+        assert bz.list_blocks(kind), f"no block of kind {kind!r} is registered"
     for name in NAMES:
         assert configs(name), name
+
+
+def test_contract_examples_name_registered_blocks() -> None:
+    unknown = set(EXAMPLES) - set(NAMES)
+    assert not unknown, f"tests/contract.py EXAMPLES names unregistered blocks: {unknown}"
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=str)
@@ -242,9 +257,8 @@ def test_torch_compile_fullgraph_matches_eager(name: str) -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_onnx_export_dynamic_batch_and_size(name: str, tmp_path) -> None:
     ort = pytest.importorskip("onnxruntime")
-    info = bz.block_info(name)
     cfg = main_config(name)
-    block = cfg.build(**info.export_kwargs).eval()
+    block = cfg.build(**example(name).export_kwargs).eval()
     path = tmp_path / f"{name}.onnx"
     dims = {0: Dim("batch", min=1), 2: Dim("height", min=1), 3: Dim("width", min=1)}
     torch.onnx.export(

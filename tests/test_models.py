@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -39,7 +40,7 @@ from blockzoo.models import (
     register_model,
 )
 from blockzoo.models.registry import CFG_KEYS, default_cfg
-from blockzoo.models.table import END, START, model_rows, update_doc
+from blockzoo.models.table import END, START, model_rows, model_table, update_doc
 
 ISSUE_MODELS = {
     "resnet50", "se_resnet50", "gc_resnet50", "acmix_resnet50", "spd_resnet50", "sknet50",
@@ -156,18 +157,38 @@ def test_parameter_count_matches_the_paper_within_one_percent(name: str) -> None
     assert measured == pytest.approx(PAPER_PARAMS[name], rel=0.01)
 
 
-def test_resnet50_is_torchvisions_resnet50_exactly() -> None:
-    ours, ref = create_model("resnet50"), torchvision.models.resnet50()
-    assert n_params(ours) == n_params(ref) == 25_557_032
-    shapes = sorted(tuple(p.shape) for p in ours.parameters())
-    assert shapes == sorted(tuple(p.shape) for p in ref.parameters())
+def _transplant(ours: nn.Module, ref: nn.Module) -> None:
+    """Copy ``ref``'s state into ``ours`` tensor by tensor, in registration order (the two
+    networks register their layers in the same order; every shape must agree)."""
+    mine, theirs = ours.state_dict(), ref.state_dict()
+    assert len(mine) == len(theirs)
+    for (key, value), (ref_key, ref_value) in zip(mine.items(), theirs.items(), strict=True):
+        assert value.shape == ref_value.shape, (key, ref_key)
+    ours.load_state_dict(dict(zip(mine, theirs.values(), strict=True)))
 
 
-def test_mobilenetv2_is_torchvisions_mobilenet_v2_exactly() -> None:
-    ours, ref = create_model("mobilenetv2"), torchvision.models.mobilenet_v2()
-    assert n_params(ours) == n_params(ref) == 3_504_872
-    shapes = sorted(tuple(p.shape) for p in ours.parameters())
-    assert shapes == sorted(tuple(p.shape) for p in ref.parameters())
+@pytest.mark.parametrize(
+    "name, reference, params",
+    [("resnet50", torchvision.models.resnet50, 25_557_032),
+     ("mobilenetv2", torchvision.models.mobilenet_v2, 3_504_872)],
+)
+def test_network_computes_torchvisions_network_exactly(name: str, reference, params: int) -> None:
+    """With torchvision's weights copied in, the logits agree: same layers, same stride
+    placement, same padding (an odd, non-square input exposes any shifted window)."""
+    torch.manual_seed(0)
+    ours, ref = create_model(name).eval(), reference().eval()
+    assert n_params(ours) == n_params(ref) == params
+    with torch.no_grad():  # non-trivial BN statistics, so a misplaced BN shows up too
+        for module in ref.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.normal_(0.0, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+    _transplant(ours, ref)
+    x = torch.randn(2, 3, 97, 75)
+    with torch.no_grad():
+        want, got = ref(x), ours(x)
+    assert got.shape == want.shape == (2, 1000)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def _se_params(c: int, reduction: int = 16) -> int:
@@ -481,6 +502,16 @@ def test_resnet_cifar_takes_free_conv_and_attention_options() -> None:
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
+@pytest.mark.slow
+def test_models_doc_table_is_current() -> None:
+    """docs/models.md's table is what ``make readme`` generates (parameters, FLOPs, papers)."""
+    doc = Path(__file__).resolve().parents[1] / "docs" / "models.md"
+    text = doc.read_text()
+    torch.manual_seed(0)
+    table = model_table()
+    assert f"{START}\n{table}\n{END}" in text, "docs/models.md is stale: run make readme"
+
+
 def test_model_table_rows_and_doc_update(tmp_path) -> None:
     (row,) = model_rows(["mobilenetv2"])
     assert row["params"] == 3_504_872 and row["input"] == "224x224"
@@ -491,7 +522,7 @@ def test_model_table_rows_and_doc_update(tmp_path) -> None:
     doc = tmp_path / "models.md"
     doc.write_text(f"intro\n{START}\nold\n{END}\nend\n")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("blockzoo.models.table.model_rows", lambda: [row])
+        mp.setattr("blockzoo.models.table.model_rows", lambda **_: [row])
         assert update_doc(doc)
     assert "| mobilenetv2 | 3,504,872 |" in doc.read_text() and "old" not in doc.read_text()
 

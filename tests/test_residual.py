@@ -112,7 +112,7 @@ def test_bottleneck_is_the_body_without_shortcut(resnet50: nn.Module) -> None:
         torch.testing.assert_close(reference(x), torch.relu(body + x))
     assert (block(x) < 0).any()  # no activation after the last BN
     assert block.width == 64 and block.body.conv2.conv.kernel_size == (3, 3)
-    assert bz.create_block("bottleneck", 64, 128, reduction=2).width == 64
+    assert bz.create_block("bottleneck", 64, 128, expansion=2).width == 64
 
 
 def test_stride_is_on_the_3x3_conv_and_the_projection() -> None:
@@ -269,8 +269,8 @@ def test_rejects_blocks_of_the_wrong_kind_and_bad_options() -> None:
     for bad in ({"expansion": 0}, {"cardinality": 2.5}, {"base_width": True}):
         with pytest.raises(ValueError, match="ResidualBottleneck: .* must be a positive integer"):
             bz.create_block("residual", 16, **bad)
-    with pytest.raises(ValueError, match="Bottleneck: reduction must be a positive integer"):
-        bz.create_block("bottleneck", 16, reduction=-1)
+    with pytest.raises(ValueError, match="Bottleneck: expansion must be a positive integer"):
+        bz.create_block("bottleneck", 16, expansion=-1)
     for name in ("bottleneck", "residual", "basic_residual"):
         with pytest.raises(ValueError, match="stride must be 1 or 2"):
             bz.create_block(name, 16, stride=3)

@@ -12,6 +12,9 @@ import torchvision
 from torch import nn
 
 import blockzoo as bz
+from blockzoo.blocks.base import Block, named_open_modules
+from blockzoo.layers import ConvNormAct
+from blockzoo.models.base import init_conv_norm_act
 from blockzoo.surgery import (
     NOT_PRESERVABLE,
     GatedResidual,
@@ -26,11 +29,6 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 PRESERVING_CONVS = ["dynamic_conv", "cond_conv", "deform_conv", "mdeform_conv"]
 #: Blocks that cannot start as an arbitrary dense conv (preserve=True must refuse them).
 NON_PRESERVING_CONVS = ["sk_conv", "involution", "acmix", "separable_conv", "spd_conv"]
-
-
-def _require(name: str) -> None:
-    if name not in bz.list_blocks():
-        pytest.skip(f"block {name!r} is not registered")
 
 
 def _resnet18() -> nn.Module:
@@ -174,6 +172,22 @@ def test_dry_run_lists_changes_and_leaves_the_model_alone() -> None:
     assert "changed 8 module(s)" in str(real) and "layer4.1.bn2" in str(real)
 
 
+def test_nested_targets_are_each_wrapped_once() -> None:
+    model = _resnet18()
+    x = torch.randn(1, 3, 32, 32)
+    before = model(x)
+    where = ["layer1", "layer1.0", "layer1.0.bn2"]
+    dry = insert_after(model, "se", where=where, dry_run=True)
+    assert isinstance(model.layer1[0], torchvision.models.resnet.BasicBlock)  # undone
+    report = insert_after(model, "se", where=where)
+    assert report.names == where and dry.params_after == report.params_after
+    assert report.params_after == sum(p.numel() for p in model.parameters())
+    block = model.layer1[0][0][0]  # layer1 -> its wrapper -> layer1.0's wrapper -> the block
+    assert isinstance(block, torchvision.models.resnet.BasicBlock)
+    assert isinstance(block.bn2[1], GatedResidual) and isinstance(model.layer1[1], GatedResidual)
+    torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+
+
 def test_insert_errors() -> None:
     model = _resnet18()
     with pytest.raises(ValueError, match="keeps its input's shape"):
@@ -190,11 +204,9 @@ def test_insert_errors() -> None:
 
 
 def test_only_composite_blockzoo_blocks_are_searched() -> None:
-    _require("deform_conv")
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), bz.SqueezeExcite(16))
     assert replace_convs(model, "deform_conv").names == ["0"]  # not the SE's fc1/fc2 1x1 convs
     assert replace_convs(model, "deform_conv").names == []  # nor the new offset predictor
-    _require("bottleneck")
     model = nn.Sequential(bz.create_block("bottleneck", 16, 32)).eval()
     x = torch.randn(1, 16, 7, 5)
     before = model(x)
@@ -211,7 +223,6 @@ def test_only_composite_blockzoo_blocks_are_searched() -> None:
 
 @pytest.mark.parametrize("name", PRESERVING_CONVS)
 def test_replace_convs_preserves_resnet18_then_trains(name: str) -> None:
-    _require(name)
     assert name in preservable_convs()
     model = _resnet18()
     cls = bz.block_info(name).cls
@@ -229,7 +240,6 @@ def test_replace_convs_preserves_resnet18_then_trains(name: str) -> None:
 
 def test_replace_convs_on_a_timm_model_with_insertions() -> None:
     timm = pytest.importorskip("timm")
-    _require("dynamic_conv")
     model = timm.create_model("resnet10t", pretrained=False, num_classes=10).eval()
 
     def edit(m: nn.Module) -> None:
@@ -244,7 +254,6 @@ def test_replace_convs_on_a_timm_model_with_insertions() -> None:
 
 
 def test_dynamic_conv_experts_all_equal_the_conv_and_then_diverge() -> None:
-    _require("dynamic_conv")
     conv = nn.Conv2d(8, 12, 3, padding=1, bias=True)
     model = nn.Sequential(conv)
     replace_convs(model, "dynamic_conv")
@@ -263,7 +272,6 @@ def test_dynamic_conv_experts_all_equal_the_conv_and_then_diverge() -> None:
 
 @pytest.mark.parametrize("experts", [8, 3, 1])
 def test_cond_conv_routing_is_paired_to_sum_to_half_the_experts(experts: int) -> None:
-    _require("cond_conv")
     conv = nn.Conv2d(6, 10, 3, stride=2, padding=1)
     model = nn.Sequential(conv)
     replace_convs(model, "cond_conv", num_experts=experts)
@@ -280,8 +288,6 @@ def test_cond_conv_routing_is_paired_to_sum_to_half_the_experts(experts: int) ->
 
 
 def test_deformable_convs_copy_the_kernel_with_zero_offsets() -> None:
-    _require("deform_conv")
-    _require("mdeform_conv")
     for name, factor in (("deform_conv", 1.0), ("mdeform_conv", 2.0)):
         conv = nn.Conv2d(4, 6, 3, padding=2, dilation=2)
         model = nn.Sequential(conv)
@@ -296,7 +302,6 @@ def test_deformable_convs_copy_the_kernel_with_zero_offsets() -> None:
 
 @pytest.mark.parametrize("name", NON_PRESERVING_CONVS)
 def test_blocks_that_cannot_reproduce_a_conv_refuse_preserve(name: str) -> None:
-    _require(name)
     assert name in NOT_PRESERVABLE and name not in preservable_convs()
     model = nn.Sequential(nn.Conv2d(32, 32, 3, stride=2, padding=1), nn.ReLU())
     with pytest.raises(ValueError, match="preserve=False"):
@@ -308,7 +313,6 @@ def test_blocks_that_cannot_reproduce_a_conv_refuse_preserve(name: str) -> None:
 
 
 def test_replace_convs_skips_convs_whose_output_size_differs() -> None:
-    _require("dynamic_conv")
 
     class StdConv(nn.Conv2d):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -338,7 +342,6 @@ def test_replace_convs_errors_and_verification(monkeypatch: pytest.MonkeyPatch) 
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1))
     with pytest.raises(ValueError, match="insert_after"):
         replace_convs(model, "se")
-    _require("dynamic_conv")
     with pytest.raises(ValueError, match=r"layer1 is a Sequential, not an nn.Conv2d.*'layer1\.'"):
         replace_convs(_resnet18(), "dynamic_conv", where="layer1")
     with pytest.raises(ValueError, match="different kernel_size"):
@@ -348,14 +351,13 @@ def test_replace_convs_errors_and_verification(monkeypatch: pytest.MonkeyPatch) 
     with pytest.raises(ValueError, match="could not be built for any matched conv.*temperature"):
         replace_convs(model, "dynamic_conv", temperature=-1.0)
     # An initialiser that does not reproduce the conv is caught before the model is touched.
-    monkeypatch.setitem(bz.surgery._CONV_INITS, "dynamic_conv", lambda conv, block: None)
+    monkeypatch.setattr(bz.DynamicConv2d, "init_from_conv", lambda block, conv: None)
     with pytest.raises(ValueError, match="does not reproduce"):
         replace_convs(model, "dynamic_conv")
     assert type(model[0]) is nn.Conv2d
 
 
 def test_replace_convs_keeps_dtype_and_reports_skips_from_block_constraints() -> None:
-    _require("dynamic_conv")
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1)).double()
     x = torch.randn(1, 3, 5, 5, dtype=torch.float64)
     before = model(x)
@@ -363,13 +365,206 @@ def test_replace_convs_keeps_dtype_and_reports_skips_from_block_constraints() ->
     assert model[0].weight.dtype == torch.float64
     torch.testing.assert_close(model(x), before, rtol=1e-10, atol=1e-10)
     assert str(report).startswith("replace_convs('dynamic_conv') changed 2 module(s)")
-    _require("involution")
     model = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 32, 3, padding=1),
                           nn.Conv2d(32, 24, 3, padding=1), nn.Conv2d(24, 24, 3, padding=1))
     report = replace_convs(model, "involution", preserve=False)
     assert report.names == ["0"]
     assert dict(report.skipped)["1"] == "involution keeps the channel count, the conv maps 16 to 32"
     assert "Involution" in dict(report.skipped)["3"]  # 24 channels: not groups of 16
+
+
+# --------------------------------------------------------------------------- block rules
+
+
+def test_conv_takeover_rules_live_on_the_block_classes() -> None:
+    for name in bz.list_blocks("conv") + bz.list_blocks("downsample"):
+        cls = bz.block_info(name).cls
+        implements = cls.init_from_conv is not Block.init_from_conv
+        assert (cls.conv_preservation is None) == implements, name
+        assert (name in preservable_convs()) == implements, name
+        assert NOT_PRESERVABLE.get(name) == cls.conv_preservation, name
+    assert preservable_convs() == sorted(PRESERVING_CONVS)
+    assert set(NON_PRESERVING_CONVS) <= set(NOT_PRESERVABLE)
+    with pytest.raises(ValueError, match="SKConv: cannot take over a convolution's weights: its "
+                       "branches end in BatchNorm"):
+        bz.create_block("sk_conv", 16).init_from_conv(nn.Conv2d(16, 16, 3, padding=1))
+
+
+def test_one_sealed_subtree_walk_for_surgery_and_model_init() -> None:
+    conv = nn.Conv2d(16, 16, 3, padding=1)
+    model = nn.Sequential(
+        conv, bz.SqueezeExcite(16), bz.create_block("bottleneck", 16, 32),
+        GatedResidual(bz.CoordinateAttention(32)), ConvNormAct(32, 32, 3),
+        bz.create_block("spd_conv", 32, 32), conv,
+    )
+    names = [name for name, _ in named_open_modules(model)]
+    assert names[0] == "0" and names[-1] == "6"  # a shared module is listed at every path
+    assert "1" in names and not any(n.startswith("1.") for n in names)  # attention: sealed
+    assert "2.body.conv2.conv" in names  # composite: opened
+    assert "3" in names and not any(n.startswith("3.") for n in names)  # surgery's wrapper
+    assert "4.conv" in names
+    assert "5" in names and not any(n.startswith("5.") for n in names)  # downsample: sealed
+    inner = model[5].conv.conv.weight.detach().clone()
+    outer = model[4].conv.weight.detach().clone()
+    init_conv_norm_act(model)  # the model initialiser walks the same modules
+    assert torch.equal(model[5].conv.conv.weight, inner)
+    assert not torch.equal(model[4].conv.weight, outer)
+
+
+# --------------------------------------------------------------------------- odd models
+
+
+def test_a_shared_conv_is_replaced_once_at_every_path() -> None:
+    for where in (None, "2", ["0"], lambda name, conv: name == "2"):
+        conv = nn.Conv2d(8, 8, 3, padding=1)
+        model = nn.Sequential(conv, nn.ReLU(), conv).eval()
+        x = torch.randn(2, 8, 6, 5)
+        before = model(x)
+        dry = replace_convs(model, "dynamic_conv", where, dry_run=True)
+        report = replace_convs(model, "dynamic_conv", where)
+        assert isinstance(model[0], bz.DynamicConv2d) and model[2] is model[0]  # still tied
+        assert report.names == ["0", "2"] and len(report.changes) == 1
+        assert report.changes[0].also_at == ("2",) and "0 = 2" in str(report)
+        total = sum(p.numel() for p in model.parameters())
+        assert report.params_before == 584 and report.params_after == total == 2392
+        assert dry.params_after == total and dry.rows() == report.rows()
+        torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
+
+
+def test_a_shared_module_gets_one_insertion_at_every_path() -> None:
+    for operation in (insert_after, insert_before):
+        conv = nn.Conv2d(8, 8, 3, padding=1)
+        model = nn.Sequential(conv, nn.ReLU(), conv).eval()
+        x = torch.randn(1, 8, 7, 7)
+        before = model(x)
+        report = operation(model, "se", where="2")
+        assert isinstance(model[0], nn.Sequential) and model[2] is model[0]
+        assert report.names == ["0", "2"]
+        assert report.params_after == sum(p.numel() for p in model.parameters())
+        torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+
+
+def test_a_module_shared_with_a_blocks_insides_is_refused_naming_its_paths() -> None:
+    se = bz.SqueezeExcite(16)
+    model = nn.Sequential(se.fc1, se)
+    with pytest.raises(ValueError, match=r"0 is also used as 1\.fc1.*untie"):
+        replace_convs(model, "dynamic_conv", where="0")
+    assert model[0] is se.fc1
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
+def test_scripted_and_traced_models_are_refused() -> None:
+    eager = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()).eval()
+    scripted = torch.jit.script(eager)
+    traced = torch.jit.trace(eager, torch.randn(1, 3, 8, 8))
+    for model in (scripted, traced, nn.Sequential(traced)):
+        with pytest.raises(ValueError, match="TorchScript module.*edit the eager nn.Module"):
+            replace_convs(model, "dynamic_conv")
+        with pytest.raises(ValueError, match="TorchScript module"):
+            insert_after(model, "se", where=lambda name, module: True)
+
+
+def test_inserting_after_a_conv1d_or_conv3d_is_refused() -> None:
+    class Mixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1d = nn.Conv1d(8, 8, 3)
+            self.conv3d = nn.Conv3d(8, 8, 3)
+            self.bn1d = nn.BatchNorm1d(8)
+
+    model = Mixed()
+    with pytest.raises(ValueError, match=r"conv1d is a Conv1d: its output is 3-D.*\(N, C, H, W\)"):
+        insert_after(model, "se", "conv1d")
+    with pytest.raises(ValueError, match="conv3d is a Conv3d: its input is 5-D"):
+        insert_before(model, "se", "conv3d")
+    with pytest.raises(ValueError, match="bn1d is a BatchNorm1d"):
+        insert_after(model, "se", "bn1d")
+    assert isinstance(model.conv1d, nn.Conv1d)
+
+
+def test_a_frozen_conv_gives_a_frozen_block() -> None:
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1),
+                          nn.Conv2d(8, 8, 3, stride=2, padding=1))
+    model[0].requires_grad_(False)
+    model[1].weight.requires_grad_(False)  # BitFit: only the bias trains
+    model[2].requires_grad_(False)
+    replace_convs(model, "deform_conv", where=["0", "1"])
+    replace_convs(model, "spd_conv", where="2", preserve=False)
+    assert not any(p.requires_grad for p in model[0].parameters())
+    assert not any(p.requires_grad for p in model[2].parameters())
+    assert model[1].bias.requires_grad
+    assert not model[1].weight.requires_grad and not model[1].offset_conv.weight.requires_grad
+
+
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
+def test_hooks_move_to_the_replacement_and_do_not_fire_while_probing() -> None:
+    model = _resnet18()
+    calls: list[str] = []
+    conv = model.layer2[0].conv1
+    handle = conv.register_forward_hook(lambda m, args, out: calls.append(type(m).__name__))
+    conv.register_full_backward_hook(lambda m, grad_in, grad_out: calls.append("backward"))
+    model.layer1.register_forward_pre_hook(lambda m, args: calls.append("layer1"))
+    everywhere = nn.modules.module.register_module_forward_hook(
+        lambda m, args, out: calls.append("global"))
+    try:
+        insert_before(model, "coord_att", where="layer2.1")  # a probe pass
+        report = replace_convs(model, "dynamic_conv", where="layer2.0.conv1")  # a check pass
+    finally:
+        everywhere.remove()
+    assert calls == []
+    assert "layer2.0.conv1: its 1 forward hook(s), 1 full backward hook(s) move to the " \
+        "block" in str(report)
+    model(torch.randn(1, 3, 32, 32)).sum().backward()
+    assert calls == ["layer1", "DynamicConv2d", "backward"]
+    handle.remove()  # the user's handle still reaches the hook
+    calls.clear()
+    model(torch.randn(1, 3, 32, 32))
+    assert calls == ["layer1"]
+    legacy = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1))
+    legacy[0].register_backward_hook(lambda m, grad_in, grad_out: None)
+    legacy[0].register_state_dict_post_hook(lambda m, state, prefix, local: None)
+    report = replace_convs(legacy, "dynamic_conv")
+    assert report.notes == ["0: its 1 state-dict hook(s), 1 non-full backward hook(s) are dropped"]
+    conv = nn.utils.weight_norm(nn.Conv2d(3, 8, 3, padding=1))
+    model = nn.Sequential(conv)
+    x = torch.randn(1, 3, 6, 6)
+    before = model(x)
+    report = replace_convs(model, "dynamic_conv")
+    assert report.notes == ["0: its 1 weight_norm/spectral_norm hook(s) are dropped"]
+    torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
+
+
+def test_spd_conv_before_a_norm_layer_is_built_without_its_own_norm_and_act() -> None:
+    model = _resnet18()
+    report = replace_convs(model, "spd_conv", preserve=False,
+                           where=lambda name, conv: conv.stride == (2, 2))
+    assert len(report.changes) == 7 and len(report.notes) == 7
+    shortcut = model.layer2[0].downsample
+    assert isinstance(shortcut[0], bz.SPDConv) and isinstance(shortcut[1], nn.BatchNorm2d)
+    assert isinstance(shortcut[0].conv.bn, nn.Identity)
+    assert isinstance(shortcut[0].conv.act, nn.Identity)
+    assert "layer2.0.downsample.0: layer2.0.downsample.1 (BatchNorm2d) follows it, so spd_conv " \
+        "is built without its own norm and activation" in str(report)
+    assert "spd_conv(64, 128, stride=2) without norm/act" in str(report)
+    # Asked for explicitly, or with no norm after the conv, the block keeps them.
+    model = _resnet18()
+    replace_convs(model, "spd_conv", "layer2.0.conv1", preserve=False, act_layer="relu")
+    assert isinstance(model.layer2[0].conv1.conv.bn, nn.BatchNorm2d)
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU())
+    report = replace_convs(model, "spd_conv", preserve=False)
+    assert isinstance(model[0].conv.bn, nn.BatchNorm2d) and report.notes == []
+
+
+def test_temperature_schedule_is_public_for_fine_tuning_after_surgery() -> None:
+    model = _resnet18()
+    replace_convs(model, "dynamic_conv", where="layer4.1.conv2")
+    assert model.layer4[1].conv2.temperature == 30.0  # near-uniform routing until annealed
+    schedule = bz.TemperatureSchedule(model, epochs=10)
+    for _ in range(10):
+        schedule.step()
+    assert model.layer4[1].conv2.temperature == 1.0
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "howto_integrations.md").read_text()
+    assert "bz.TemperatureSchedule(model, epochs=" in guide
 
 
 # --------------------------------------------------------------------------- examples
@@ -381,3 +576,5 @@ def test_examples_run(script: str, capsys: pytest.CaptureFixture) -> None:
     main(["--size", "64"])
     out = capsys.readouterr().out
     assert "largest output change" in out
+    if script == "torchvision_resnet.py":
+        assert "epoch 1: loss" in out and "DY-Conv temperature 27.1 -> 24.2" in out

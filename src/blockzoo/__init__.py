@@ -12,6 +12,7 @@ from .models import create_model, list_models, model_info
 from .registry import KINDS, BlockInfo, block_info, create_block, list_blocks, register_block
 from .surgery import insert_after, insert_before, replace_convs
 from .tools.profile import ProfileResult, compare, profile
+from .train.inference import load_trained
 
 __version__ = "0.1.0"
 
@@ -22,6 +23,7 @@ __all__ = [
     "compare",
     "create_model",
     "list_models",
+    "load_trained",
     "model_info",
     "models",
     "insert_after",

@@ -158,7 +158,9 @@ class ConvNormAct(nn.Sequential):
     """``Conv2d -> norm -> act`` with same padding: output ``ceil(H / stride)``.
 
     The conv has no bias when a norm follows it. Submodules are named ``conv``, ``bn`` and
-    ``act`` so that weights can be found by name.
+    ``act`` so that weights can be found by name. ``conv`` may be given as a module that stands
+    in for the ``nn.Conv2d`` of this geometry (a conv-kind block, see
+    :func:`blockzoo.blocks.residual.conv_unit`); it is used as it is.
     """
 
     def __init__(
@@ -172,11 +174,12 @@ class ConvNormAct(nn.Sequential):
         norm_layer: LayerSpec = "batchnorm",
         act_layer: LayerSpec = "relu",
         bias: bool | None = None,
+        conv: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if bias is None:
             bias = norm_layer is None
-        self.conv = nn.Conv2d(
+        self.conv = conv if conv is not None else nn.Conv2d(
             in_channels,
             out_channels,
             kernel_size,

@@ -10,28 +10,27 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from torch import nn
 
 from .core.validation import close_matches
 
 KINDS = ("attention", "conv", "downsample", "block", "cell")
-Width = Literal["free", "same", "structural"]
 
 _REGISTRY: dict[str, BlockInfo] = {}
 
 
 @dataclass(frozen=True)
 class BlockInfo:
-    """What the registry knows of one block.
+    """What the registry knows of one block: its paper and what a user reads before using it.
 
-    ``width`` says how ``out_channels`` is set: ``"free"`` (any value, default ``in_channels``),
-    ``"same"`` (must equal ``in_channels``) or ``"structural"`` (derived by the block, e.g. a dense
-    block's concatenation; ``out_channels`` may only repeat the derived value). ``strides`` are
-    the strides the block accepts. ``example_*`` is the small configuration the contract suite
-    runs. ``fullgraph`` is False only where ``torch.compile(fullgraph=True)`` cannot work, with the
-    reason in ``notes``. ``export_kwargs`` are constructor arguments used for ONNX export.
+    ``strides`` are the strides the entry accepts (the class's ``allowed_strides`` unless the
+    entry lists them); ``width`` (``"free"``, ``"same"`` or ``"structural"``) is the class's rule
+    for ``out_channels`` (see :class:`~blockzoo.blocks.base.Block`). ``fullgraph`` is False only
+    where ``torch.compile(fullgraph=True)`` cannot work, with the reason in ``notes``. ``preset``
+    holds constructor arguments this name stands for (``resnext`` is ``residual`` with
+    ``cardinality=32, base_width=4``).
     """
 
     name: str
@@ -42,14 +41,14 @@ class BlockInfo:
     year: int
     summary: str
     preset: dict[str, Any] = field(default_factory=dict)
-    width: Width = "free"
     strides: tuple[int, ...] = (1, 2)
-    example_in: int = 16
-    example_out: int | None = 24
-    example_kwargs: dict[str, Any] = field(default_factory=dict)
     fullgraph: bool = True
-    export_kwargs: dict[str, Any] = field(default_factory=dict)
     notes: str = ""
+
+    @property
+    def width(self) -> str:
+        """The class's ``out_channels`` rule: ``"free"``, ``"same"`` or ``"structural"``."""
+        return getattr(self.cls, "width", "free")
 
     @property
     def defaults(self) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 from .acmix import ACmix, acmix_attention_unfold_reference, local_window_attention
 from .attention import CoordinateAttention, GlobalContext, SqueezeExcite
-from .base import Block, ShapePreservingBlock, check_input
+from .base import Block, ExplainKey, ShapePreservingBlock, check_input
 from .cells import AmoebaNetNormalCell, NASNetNormalCell, relu_sepconv_bn
 from .deform import DeformConv2d, ModulatedDeformConv2d, deform_conv2d_torch
 from .dense import DenseBlock, DenseLayer
@@ -34,6 +34,7 @@ __all__ = [
     "DenseLayer",
     "DynamicConv2d",
     "DynamicConvBnAct",
+    "ExplainKey",
     "GlobalContext",
     "Inception",
     "InvertedResidual",

@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.counting import map_elements
 from ..layers import same_padding
 from ..ops import use_fast_path, window_attention
 from ..registry import register_block
-from .base import Block
+from .base import Block, ExplainKey
 
 
 def reflect_indices(
@@ -192,9 +193,6 @@ def shift_kernels(out_channels: int, kernel_size: int) -> torch.Tensor:
     arxiv="2111.14556",
     year=2022,
     summary="Shares 1x1 q/k/v projections between local window attention and a shift-kernel conv.",
-    width="free",
-    example_in=16,
-    example_out=24,
     notes="out_channels must be divisible by head. dilation dilates the attention window only "
     "(the conv path is never dilated, as in the reference code). Reflection padding is iterated "
     "for inputs smaller than the window (a 1-pixel axis replicates).",
@@ -220,6 +218,12 @@ class ACmix(Block):
     ``kernel_att=7``, ``head=4``, ``kernel_conv=3``, ``dilation=1``. Padding for inputs smaller
     than the window: see :func:`reflect_indices`.
     """
+
+    conv_preservation = (
+        "its convolution path is a 1x1 projection of q, k, v followed by grouped shift kernels, "
+        "which spans only a subset of dense k x k convolutions, and its attention path is "
+        "non-linear"
+    )
 
     allowed_strides = (1, 2)
     compiled_kernels: ClassVar[bool] = True  # blockzoo.ops runs the window attention
@@ -319,19 +323,20 @@ class ACmix(Block):
             q_att, k_att, pe, self.kernel_att, self.dilation, self.stride
         )
         return {
-            "attention": att.reshape(x.shape[0], self.head, *att.shape[1:]),
-            "rates": torch.cat([self.rate1, self.rate2]).detach(),
+            ExplainKey.ATTENTION: att.reshape(x.shape[0], self.head, *att.shape[1:]),
+            ExplainKey.RATES: torch.cat([self.rate1, self.rate2]).detach(),
         }
 
     def extra_flops(self, x: torch.Tensor) -> int:
-        """FLOPs (2 per multiply-add) of the window attention, which FlopCounterMode cannot see.
+        """FLOPs (2 per multiply-add) of the elementwise work FlopCounterMode cannot see.
 
-        Each output position and channel takes ``kernel_att^2`` products for the scores and as
-        many for the weighted sum of ``v``: ``2 * 2 * N * C_out * Ho * Wo * kernel_att^2``.
+        Per value of ``q``/``k`` (``N * C_out * H * W``): the scaling of ``q`` and ``k - pe``.
+        Per output value (``N * C_out * Ho * Wo``): ``kernel_att^2`` products for the scores,
+        as many for the weighted sum of ``v``, and 2 for ``rate1 * att + rate2 * conv``.
         """
-        n, _, h, w = x.shape
-        outputs = n * (-(-h // self.stride)) * (-(-w // self.stride))
-        return 4 * outputs * self.out_channels * self.kernel_att**2
+        per_output = 2 * self.kernel_att**2 + 2
+        return 2 * (2 * map_elements(x, self.out_channels)
+                    + per_output * map_elements(x, self.out_channels, self.stride))
 
     def extra_repr(self) -> str:
         return (

@@ -15,11 +15,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..core.counting import map_elements
 from ..layers import LayerSpec, create_act, create_norm, make_divisible
 from ..registry import register_block
-from .base import ShapePreservingBlock
+from .base import ExplainKey, ShapePreservingBlock
 
-_ATTENTION = dict(kind="attention", width="same", example_out=None)
+_ATTENTION = dict(kind="attention")
 
 
 @register_block(
@@ -71,11 +72,16 @@ class SqueezeExcite(ShapePreservingBlock):
         s = self.gate(self.fc2(self.act(self.fc1(s))))
         return x * s
 
+    def extra_flops(self, x: torch.Tensor) -> int:
+        """The squeeze (a mean over positions: one multiply-add per input value) and the
+        excitation ``x * s`` (one per output value): ``2 * 2 * N * C * H * W`` FLOPs."""
+        return 2 * 2 * map_elements(x)
+
     def explain(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The channel gate ``s`` of shape ``(N, C)``."""
         self.check_input(x)
         s = x.mean(dim=(2, 3), keepdim=True)
-        return {"channel_gate": self.gate(self.fc2(self.act(self.fc1(s)))).flatten(1)}
+        return {ExplainKey.CHANNEL_GATE: self.gate(self.fc2(self.act(self.fc1(s)))).flatten(1)}
 
 
 @register_block(
@@ -166,10 +172,17 @@ class GlobalContext(ShapePreservingBlock):
             out = out + self.channel_add(context)
         return out
 
+    def extra_flops(self, x: torch.Tensor) -> int:
+        """Context pooling (softmax-weighted or plain mean over positions: one multiply-add per
+        input value), then one per output value for each fusion (``x * sigmoid(.)``,
+        ``x + T(c)``): ``2 * (1 + fusions) * N * C * H * W`` FLOPs."""
+        fusions = (self.channel_mul is not None) + (self.channel_add is not None)
+        return 2 * (1 + fusions) * map_elements(x)
+
     def explain(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The context mask over positions, ``(N, H, W)``."""
         self.check_input(x)
-        return {"context_mask": self.attention_mask(x)[:, 0]}
+        return {ExplainKey.CONTEXT_MASK: self.attention_mask(x)[:, 0]}
 
 
 @register_block(
@@ -232,8 +245,13 @@ class CoordinateAttention(ShapePreservingBlock):
         a_h, a_w = self.gates(x)
         return x * a_h * a_w
 
+    def extra_flops(self, x: torch.Tensor) -> int:
+        """The two directional poolings (each one multiply-add per input value) and the two
+        gate products ``x * a_h * a_w`` (one each per output value): ``2 * 4 * N*C*H*W``."""
+        return 2 * 4 * map_elements(x)
+
     def explain(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The spatial map ``a_h x a_w`` averaged over channels, ``(N, H, W)``."""
         self.check_input(x)
         a_h, a_w = self.gates(x)
-        return {"attention_map": (a_h * a_w).mean(dim=1)}
+        return {ExplainKey.ATTENTION_MAP: (a_h * a_w).mean(dim=1)}

@@ -7,10 +7,16 @@ and raises a ``ValueError`` naming itself for a wrong argument or input.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import ClassVar, Literal
+
 import torch
 from torch import nn
 
 from ..core.validation import check_positive_int, require
+from ..registry import block_info, list_blocks
+
+Width = Literal["free", "same", "structural"]
 
 
 def check_input(block: nn.Module, x: object, channels: int) -> None:
@@ -32,17 +38,65 @@ def check_input(block: nn.Module, x: object, channels: int) -> None:
         raise ValueError(f"{name} expects a floating-point input, got dtype {x.dtype}")
 
 
+class ExplainKey:
+    """Names of the entries of :meth:`Block.explain`, shared with ``tools/viz.py``.
+
+    A block returns the entries that describe what it computed; the visualiser draws the ones
+    it knows by these names and leaves the others out.
+    """
+
+    #: ``(N, H, W)`` softmax weights over positions (GC's context mask).
+    CONTEXT_MASK = "context_mask"
+    #: ``(N, H, W)`` a spatial attention map averaged over channels (coordinate attention).
+    ATTENTION_MAP = "attention_map"
+    #: ``(N, H, W)`` a spatial gate (CBAM's spatial attention).
+    SPATIAL_MAP = "spatial_map"
+    #: ``(N, H, W)`` per-position weights averaged over channels (SimAM).
+    POSITION_WEIGHTS = "position_weights"
+    #: ``(N, C)`` a per-channel gate (SE, ECA, CBAM's channel attention).
+    CHANNEL_GATE = "channel_gate"
+    #: ``(N, K)`` routing weights over expert kernels (dynamic and conditional convolution).
+    ROUTING_WEIGHTS = "routing_weights"
+    #: ``(N, M, C)`` per-branch weights, softmax over the branches (selective kernel).
+    BRANCH_WEIGHTS = "branch_weights"
+    #: Generated or aggregated kernels: involution ``(N, G, K, K, Ho, Wo)``, dynamic
+    #: convolution ``(N, C_out, C_in / g, k, k)``.
+    KERNELS = "kernels"
+    #: ``(N, heads, K * K, Ho, Wo)`` local window attention weights (ACmix).
+    ATTENTION = "attention"
+    #: ``(N, Ho, Wo, K * K, 2)`` absolute ``(y, x)`` input positions sampled (deformable conv).
+    SAMPLING_POINTS = "sampling_points"
+    #: ``(N, 2 * G * K * K, Ho, Wo)`` raw sampling offsets (deformable conv).
+    OFFSET = "offset"
+    #: ``(N, G * K * K, Ho, Wo)`` modulation mask (deformable conv v2).
+    MASK = "mask"
+    #: ``(2,)`` the mixing rates of two paths (ACmix's attention and convolution).
+    RATES = "rates"
+
+
 class Block(nn.Module):
     """Base of every registered block: validated ``in_channels``/``out_channels``/``stride``.
 
-    ``out_channels`` defaults to ``in_channels``. Subclasses call :meth:`check_input` first in
-    ``forward`` and :meth:`place` last in ``__init__`` (it applies ``device``/``dtype``). A
-    subclass that sets ``allowed_strides`` (e.g. ``(1, 2)``) rejects any other stride, giving
-    ``stride_reason`` (e.g. ``"keeps the spatial size"``) in the error when it sets one.
+    A block's own rules live on its class:
+
+    - ``allowed_strides`` (e.g. ``(1, 2)``): any other stride is a ``ValueError``, giving
+      ``stride_reason`` (e.g. ``"keeps the spatial size"``) when set;
+    - ``width``: how ``out_channels`` is set. ``"free"``: any value, default ``in_channels``;
+      ``"same"``: must equal ``in_channels`` (``width_reason`` says why); ``"structural"``: the
+      block derives it from its configuration and calls :meth:`derive_out_channels`;
+    - ``conv_preservation``: why the block cannot start as an arbitrary ``nn.Conv2d``
+      (function-preserving surgery), or ``None`` where :meth:`init_from_conv` implements it;
+    - :meth:`explain` and :meth:`extra_flops`: what the visualiser draws and the FLOPs the
+      counter cannot see.
+
+    Subclasses call :meth:`check_input` first in ``forward`` and :meth:`place` last in
+    ``__init__`` (it applies ``device``/``dtype``).
     """
 
-    allowed_strides: tuple[int, ...] | None = None
-    stride_reason: str | None = None
+    allowed_strides: ClassVar[tuple[int, ...] | None] = None
+    stride_reason: ClassVar[str | None] = None
+    width: ClassVar[Width] = "free"
+    width_reason: ClassVar[str] = "keeps the channel count"
 
     def __init__(self, in_channels: int, out_channels: int | None = None, stride: int = 1):
         super().__init__()
@@ -58,6 +112,24 @@ class Block(nn.Module):
                 self.stride in self.allowed_strides,
                 f"{why}stride must be {allowed}, got {stride}",
             )
+        if self.width == "same":
+            self.require(
+                self.out_channels == self.in_channels,
+                f"{self.width_reason}, so out_channels must be None or in_channels "
+                f"({in_channels}), got {out_channels}",
+            )
+
+    def derive_out_channels(self, requested: int | None, derived: int, rule: str) -> None:
+        """Set a structural block's ``out_channels`` to ``derived`` (computed as ``rule``).
+
+        ``requested`` (the constructor's ``out_channels``) may only be ``None`` or ``derived``.
+        """
+        self.require(
+            requested is None or requested == derived,
+            f"out_channels is structural ({rule} = {derived}); pass None or {derived}, "
+            f"got {requested}",
+        )
+        self.out_channels = derived
 
     def check_input(self, x: torch.Tensor) -> None:
         check_input(self, x, self.in_channels)
@@ -71,9 +143,63 @@ class Block(nn.Module):
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)
 
+    def explain(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What the block computes on ``x``, as tensors named by :class:`ExplainKey`.
+
+        The base class explains nothing (an empty dict); blocks with attention maps, gates,
+        routing weights, kernels or sampling points override it.
+        """
+        self.check_input(x)
+        return {}
+
+    def extra_flops(self, x: torch.Tensor) -> int:
+        """FLOPs (2 per multiply-add) of work ``FlopCounterMode`` cannot see, for input ``x``.
+
+        Convolutions and matrix products are counted by the counter; a block declares here the
+        elementwise multiply-adds that scale with ``H x W x C`` (see docs/profiling.md). The
+        base class declares none.
+        """
+        return 0
+
     def extra_repr(self) -> str:
         return f"in_channels={self.in_channels}, out_channels={self.out_channels}, " \
             f"stride={self.stride}"
+
+    # Model surgery (blockzoo.surgery): how the block takes a plain conv's place.
+
+    #: Why the block cannot start as an arbitrary dense ``nn.Conv2d`` (function-preserving
+    #: surgery refuses it with this reason); ``None`` for a class that implements
+    #: :meth:`init_from_conv`.
+    conv_preservation: ClassVar[str | None] = (
+        "blockzoo has no initialiser that makes it equal an arbitrary nn.Conv2d"
+    )
+    #: True when ``norm_layer``/``act_layer`` act on the block's output (``... -> norm -> act``):
+    #: put in place of a conv that a norm layer follows, the block is built without them.
+    ends_with_norm_act: ClassVar[bool] = False
+
+    def init_from_conv(self, conv: nn.Conv2d) -> None:
+        """Make this freshly built block compute exactly what ``conv`` computes.
+
+        The block has the conv's channels, stride, kernel size, dilation and groups. The base
+        class raises a ``ValueError`` giving :attr:`conv_preservation`.
+        """
+        raise ValueError(
+            f"{type(self).__name__}: cannot take over a convolution's weights: "
+            f"{self.conv_preservation}"
+        )
+
+    def require_conv_kernel(self, conv: nn.Conv2d, kernel_shape: torch.Size) -> None:
+        """For :meth:`init_from_conv`: the block's kernel must have the conv's weight shape,
+        and a conv with a bias needs the block's ``bias``."""
+        self.require(
+            kernel_shape == conv.weight.shape,
+            f"its kernel has shape {tuple(kernel_shape)}, the conv's {tuple(conv.weight.shape)} "
+            f"(different kernel_size or groups in the block's options?)",
+        )
+        self.require(
+            conv.bias is None or getattr(self, "bias", None) is not None,
+            "the conv has a bias and the block was built with bias=False",
+        )
 
 
 class ShapePreservingBlock(Block):
@@ -84,11 +210,37 @@ class ShapePreservingBlock(Block):
 
     allowed_strides = (1,)
     stride_reason = "keeps the input shape"
+    width = "same"
+    width_reason = "keeps the input shape"
 
-    def __init__(self, in_channels: int, out_channels: int | None = None, stride: int = 1):
-        super().__init__(in_channels, out_channels, stride)
-        self.require(
-            self.out_channels == self.in_channels,
-            f"keeps the input shape, so out_channels must be None or in_channels "
-            f"({in_channels}), got {out_channels}",
-        )
+
+#: Registry kinds whose blocks are atomic: their submodules are the block's own machinery.
+ATOMIC_KINDS = ("attention", "conv", "downsample")
+
+
+def named_open_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every ``(qualified name, module)`` below ``model`` except the insides of sealed modules.
+
+    Sealed are blocks registered under an :data:`ATOMIC_KINDS` kind (a deformable conv's offset
+    predictor, SE's 1x1 convs, SK's fuse layers are the block's machinery) and modules whose
+    class sets ``sealed = True`` (model surgery's ``GatedResidual``); composite blocks (kinds
+    ``block`` and ``cell``, such as a bottleneck) are opened like any other module, and so is
+    ``model`` itself. A module used at several places (shared, tied) is listed at every path.
+    Model surgery matches, and a network's initialisation re-draws, only what this lists.
+    """
+    kinds = {block_info(name).cls: block_info(name).kind for name in list_blocks()}
+
+    def sealed(module: nn.Module) -> bool:
+        if getattr(type(module), "sealed", False) is True:
+            return True
+        kind = next((kinds[c] for c in type(module).__mro__ if c in kinds), None)
+        return kind in ATOMIC_KINDS
+
+    def walk(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
+        for key, child in module._modules.items():  # not named_children(): it skips repeats
+            if child is not None:
+                yield prefix + key, child
+                if not sealed(child):
+                    yield from walk(child, f"{prefix}{key}.")
+
+    return list(walk(model, ""))

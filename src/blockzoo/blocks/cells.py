@@ -20,6 +20,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..core.counting import map_elements
 from ..core.validation import check_positive_int
 from ..layers import ConvNormAct, LayerSpec, create_act
 from ..registry import register_block
@@ -72,6 +73,7 @@ class _NormalCell(Block):
 
     allowed_strides = (1,)
     stride_reason = "a normal cell keeps the spatial size"
+    width = "structural"
 
     combinations: ClassVar[tuple[tuple[Operand, Operand], ...]]
     concat: ClassVar[tuple[int, ...]]
@@ -100,13 +102,10 @@ class _NormalCell(Block):
             max(1, in_channels // num_states) if cell_channels is None
             else check_positive_int(name, "cell_channels", cell_channels)
         )
-        derived = num_states * self.cell_channels
-        self.require(
-            out_channels is None or out_channels == derived,
-            f"out_channels is structural ({num_states} concatenated states x cell_channels "
-            f"{self.cell_channels} = {derived}); pass None or {derived}, got {out_channels}",
+        self.derive_out_channels(
+            out_channels, num_states * self.cell_channels,
+            f"{num_states} concatenated states x cell_channels {self.cell_channels}",
         )
-        self.out_channels = derived
         c = self.cell_channels
 
         def relu_conv_bn(c_in: int) -> nn.Sequential:
@@ -157,13 +156,19 @@ class _NormalCell(Block):
             states.append(left(states[i]) + right(states[j]))
         return torch.cat([states[k] for k in self.concat], 1)
 
+    def extra_flops(self, x: torch.Tensor) -> int:
+        """Each combination's add (one per value of a ``cell_channels`` state) and each 3x3
+        average pool's terms: ``(3H - 2)(3W - 2)`` per channel and sample, padding excluded.
+        Max pooling compares and is not counted."""
+        n, _, h, w = x.shape
+        state = map_elements(x, self.cell_channels)
+        pools = sum(op == "avg3x3" for pair in self.combinations for op, _ in pair)
+        return 2 * (len(self.combinations) * state
+                    + pools * n * self.cell_channels * (3 * h - 2) * (3 * w - 2))
+
 
 _CELL = dict(
     kind="cell",
-    width="structural",
-    example_in=16,
-    example_out=None,
-    example_kwargs={"cell_channels": 8},
     notes="two inputs: forward(x, prev=None); the contract runs it with prev = x.",
 )
 

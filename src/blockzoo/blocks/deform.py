@@ -25,7 +25,7 @@ from ..layers import same_padding
 from ..ops import deform_conv2d as _fast_deform_conv2d
 from ..ops import finite_offset, use_fast_path
 from ..registry import register_block
-from .base import Block
+from .base import Block, ExplainKey
 
 IMPLS = ("auto", "torchvision", "torch")
 
@@ -228,6 +228,16 @@ class _DeformConvBase(Block):
         nn.init.zeros_(self.offset_conv.weight)
         nn.init.zeros_(self.offset_conv.bias)
 
+    @torch.no_grad()
+    def load_conv(self, conv: nn.Conv2d, scale: float) -> None:
+        """Kernel := ``scale * W``, bias := ``b`` (``conv``'s ``W, b``), offset predictor zero."""
+        self.require_conv_kernel(conv, self.weight.shape)
+        self.weight.copy_(conv.weight * scale)
+        if self.bias is not None:
+            self.bias.copy_(torch.zeros_like(self.bias) if conv.bias is None else conv.bias)
+        nn.init.zeros_(self.offset_conv.weight)
+        nn.init.zeros_(self.offset_conv.bias)
+
     def offsets(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Predicted ``offset`` and (v2) sigmoid ``mask`` in torchvision's layout, ``x.dtype``."""
         out = self.offset_conv(x).to(x.dtype)
@@ -269,9 +279,9 @@ class _DeformConvBase(Block):
         base = torch.stack(torch.broadcast_tensors(base_y, base_x), dim=-1)
         base = base.reshape(ho, wo, k * k, 2)
         delta = offset[:, : 2 * k * k].reshape(n, k * k, 2, ho, wo).permute(0, 3, 4, 1, 2)
-        explained = {"offset": offset, "sampling_points": base + delta}
+        explained = {ExplainKey.OFFSET: offset, ExplainKey.SAMPLING_POINTS: base + delta}
         if mask is not None:
-            explained["mask"] = mask
+            explained[ExplainKey.MASK] = mask
         return explained
 
     def extra_flops(self, x: torch.Tensor) -> int:
@@ -299,8 +309,6 @@ class _DeformConvBase(Block):
 
 _DEFORM = dict(
     kind="conv",
-    width="free",
-    export_kwargs={"impl": "torch"},
 )
 
 
@@ -329,6 +337,13 @@ class DeformConv2d(_DeformConvBase):
     ``"torchvision"`` or ``"torch"`` force one implementation).
     """
 
+    conv_preservation = None
+
+    def init_from_conv(self, conv: nn.Conv2d) -> None:
+        """Zero offsets sample the regular grid: the conv's weight and bias give the conv
+        exactly."""
+        self.load_conv(conv, 1.0)
+
 
 @register_block(
     "mdeform_conv",
@@ -355,4 +370,14 @@ class ModulatedDeformConv2d(_DeformConvBase):
     """
 
     modulated = True
+    conv_preservation = None
+
+    def init_from_conv(self, conv: nn.Conv2d) -> None:
+        """Zero offsets, mask ``sigmoid(0) = 1/2`` everywhere: weight ``2 W`` (exact in floating
+        point).
+
+        The bias is not modulated, so it is copied as it is. (A large mask bias would only
+        approach ``m = 1``; the factor 2 is exact and keeps the mask's gradient at its largest.)
+        """
+        self.load_conv(conv, 2.0)
 

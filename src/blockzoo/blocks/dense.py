@@ -86,10 +86,6 @@ class DenseLayer(nn.Module):
     arxiv="1608.06993",
     year=2017,
     summary="Each layer sees the concatenation of all earlier outputs and adds growth_rate maps.",
-    width="structural",
-    example_in=16,
-    example_out=None,
-    example_kwargs={"num_layers": 2, "growth_rate": 8},
     notes="memory_efficient=True checkpoints only while autograd records (training).",
 )
 class DenseBlock(Block):
@@ -101,7 +97,7 @@ class DenseBlock(Block):
 
     ``out_channels`` is structural: ``in_channels + num_layers * growth_rate``; passing another
     value is a ``ValueError``. Defaults: ``num_layers=6``, ``growth_rate=32``, ``bn_size=4``,
-    DenseNet-121's first block (64 -> 256 channels, 335,040 parameters). The layers are named
+    DenseNet-121's first block (64 -> 256 channels). The layers are named
     ``layers.{i}.{norm1,conv1,norm2,conv2}`` as torchvision's ``denselayer{i+1}``.
     ``memory_efficient=True`` recomputes each layer's bottleneck in backward
     (:class:`DenseLayer`) to save memory, in eager mode and under ``torch.compile``; it only
@@ -112,6 +108,7 @@ class DenseBlock(Block):
 
     allowed_strides = (1,)
     stride_reason = "keeps the spatial size"
+    width = "structural"
 
     def __init__(
         self,
@@ -133,13 +130,10 @@ class DenseBlock(Block):
         self.num_layers = check_positive_int(name, "num_layers", num_layers)
         self.growth_rate = check_positive_int(name, "growth_rate", growth_rate)
         self.bn_size = check_positive_int(name, "bn_size", bn_size)
-        derived = in_channels + num_layers * growth_rate
-        self.require(
-            out_channels is None or out_channels == derived,
-            f"out_channels is structural (in_channels + num_layers * growth_rate = {derived}); "
-            f"pass None or {derived}, got {out_channels}",
+        self.derive_out_channels(
+            out_channels, in_channels + num_layers * growth_rate,
+            "in_channels + num_layers * growth_rate",
         )
-        self.out_channels = derived
         self.memory_efficient = bool(memory_efficient)
         self.layers = nn.ModuleList(
             DenseLayer(

@@ -22,14 +22,11 @@ its weight):
   channels, and their outputs are mixed per sample with one batched matmul. It costs ``K`` times
   the convolution's arithmetic and ``K`` times its output memory, but uses the ordinary batched
   convolution kernels.
-- ``"auto"`` (default) picks ``"mix"`` only where it was measured faster on CPU (float32, one
-  thread, forward and forward+backward): batch ``N >= 16``, output map of at most ``8 x 8``
-  positions, ``k > 1``, ``groups == 1`` and ``K <= 4``. There the grouped convolution with
-  ``N`` groups is slow: at ``N=32``, 7x7 maps, 3x3 and 256 channels "mix" took 0.5x the time of
-  "aggregate" (64 channels: 1.04x forward, 0.6x forward+backward). Everywhere else measured
-  (64 and 256 channels, 7x7 to 28x28 maps, batch 8 and 32, 1x1 and 3x3) "mix" took 1.0x to 7.9x
-  the time of "aggregate". The rule lives in :meth:`ExpertConv2d.choose_strategy`;
-  ``benchmarks/bench_dynamic_conv.py --strategies`` re-measures it.
+- ``"auto"`` (default) picks ``"mix"`` only where it measured faster on CPU: batch
+  ``N >= 16``, output map of at most ``8 x 8`` positions, ``k > 1``, ``groups == 1`` and
+  ``K <= 4``, where the grouped convolution with ``N`` groups is slow. The rule lives in
+  :meth:`ExpertConv2d.choose_strategy`; the measurements behind it are in docs/benchmarks.md
+  ("The strategy="auto" rule", re-measured by ``benchmarks/bench_dynamic_conv.py --strategies``).
 
 While exporting (``torch.export``, and so the ONNX exporter) the ``"mix"`` strategy is always
 used: ONNX ``Conv``'s ``group`` attribute is a constant, so a grouped convolution whose group
@@ -39,18 +36,40 @@ count is the batch size cannot have a dynamic batch.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.counting import map_elements
 from ..core.validation import check_positive_int
 from ..layers import LayerSpec, create_act, create_norm, same_padding
 from ..registry import register_block
-from .base import Block
+from .base import Block, ExplainKey
 
 Strategy = Literal["auto", "aggregate", "mix"]
+
+
+@dataclass(frozen=True)
+class TemperatureAnnealing:
+    """A linear softmax-temperature annealing: ``start`` -> ``end`` over ``epochs`` epochs."""
+
+    start: float
+    end: float
+    epochs: int
+
+    def as_dict(self) -> dict[str, Any]:
+        """``{"start": ..., "end": ..., "epochs": ...}``: :class:`TemperatureSchedule`'s kwargs."""
+        return asdict(self)
+
+
+#: DY-Conv's temperature annealing (Chen et al., arXiv 1912.03458, training section): 30 -> 1,
+#: linear, over the first 10 epochs. The one home of these numbers: the blocks' default
+#: temperature, :class:`TemperatureSchedule`, the models' ``default_cfg["temperature_schedule"]``
+#: and ``blockzoo train`` all read it.
+DY_CONV_TEMPERATURE = TemperatureAnnealing(start=30.0, end=1.0, epochs=10)
 STRATEGIES: tuple[str, ...] = ("auto", "aggregate", "mix")
 
 #: ``strategy="auto"`` uses ``"mix"`` for batches of at least this many samples ...
@@ -137,6 +156,15 @@ class ExpertConv2d(Block):
         """The expert kernels as ``(K, C_out, C_in / groups, k, k)``."""
         return self.weight.reshape(self.num_experts, self.out_channels, *self.weight.shape[1:])
 
+    @torch.no_grad()
+    def load_conv_experts(self, conv: nn.Conv2d, scale: float) -> None:
+        """Every expert := ``scale * W``, every expert bias ``scale * b`` (``conv``'s ``W, b``)."""
+        self.require_conv_kernel(conv, self.expert_weights().shape[1:])
+        self.weight.copy_((conv.weight * scale).repeat(self.num_experts, 1, 1, 1))
+        if self.bias is not None:
+            bias = torch.zeros_like(self.bias[0]) if conv.bias is None else conv.bias * scale
+            self.bias.copy_(bias.expand(self.num_experts, -1))
+
     def output_size(self, h: int, w: int) -> tuple[int, int]:
         """The convolution's output size for an ``h x w`` input."""
         span = self.dilation * (self.kernel_size - 1) + 1
@@ -204,6 +232,12 @@ class ExpertConv2d(Block):
         y = torch.matmul(routing.reshape(-1, 1, 1, k), y.reshape(n, g, k, -1))
         return y.reshape(n, c_out, oh, ow)
 
+    def extra_flops(self, x: torch.Tensor) -> int:
+        """The routing's global average pool, one multiply-add per input value: ``2 * N*C*H*W``
+        FLOPs. The kernel aggregation (or the expert mixing) is a matmul and the convolution
+        a conv, both counted by FlopCounterMode."""
+        return 2 * map_elements(x)
+
     def mixture_conv(self, x: torch.Tensor, routing: torch.Tensor) -> torch.Tensor:
         """``conv(x_n, sum_k r_nk W_k) + sum_k r_nk b_k`` for routing ``(N, K)`` or ``(1, K)``.
 
@@ -213,6 +247,19 @@ class ExpertConv2d(Block):
             return self._mix(x, routing)
         return self._aggregate(x, routing)
 
+    def routing(self, x: torch.Tensor) -> torch.Tensor:
+        """Routing weights ``(N, K)`` for input ``x`` (each subclass's own rule)."""
+        raise NotImplementedError
+
+    def explain(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Routing weights ``(N, K)`` and aggregated kernels ``(N, C_out, C_in/g, k, k)``."""
+        self.check_input(x)
+        routing = self.routing(x)
+        return {
+            ExplainKey.ROUTING_WEIGHTS: routing,
+            ExplainKey.KERNELS: self.aggregate_kernels(routing)[0],
+        }
+
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, kernel_size={self.kernel_size}, padding={self.padding}, "
@@ -221,7 +268,7 @@ class ExpertConv2d(Block):
         )
 
 
-_CONV = dict(kind="conv", width="free", example_in=16, example_out=24)
+_CONV = dict(kind="conv")
 
 
 @register_block(
@@ -242,10 +289,11 @@ class DynamicConv2d(ExpertConv2d):
     has no BatchNorm, so it is defined for a batch of one. The kernel ``W(x) = sum_k pi_k W_k`` and
     bias ``b(x) = sum_k pi_k b_k`` convolve each sample (see the module docstring for how).
 
-    The temperature ``T`` is the plain attribute ``temperature`` (default 30, the paper's start
-    value for training); anneal it with :class:`TemperatureSchedule` or set it with
-    :func:`set_temperature`. Otherwise the arguments are ``nn.Conv2d``'s (``padding="same"`` by
-    default, see :class:`ExpertConv2d`); ``strategy`` is ``"auto"``, ``"aggregate"`` or ``"mix"``.
+    The temperature ``T`` is the plain attribute ``temperature`` (default
+    ``DY_CONV_TEMPERATURE.start``, the paper's start value for training); anneal it with
+    :class:`TemperatureSchedule` or set it with :func:`set_temperature`. Otherwise the arguments
+    are ``nn.Conv2d``'s (``padding="same"`` by default, see :class:`ExpertConv2d`); ``strategy``
+    is ``"auto"``, ``"aggregate"`` or ``"mix"``.
 
     Shapes: ``(N, C_in, H, W) -> (N, C_out, ceil(H / stride), ceil(W / stride))``.
     """
@@ -262,7 +310,7 @@ class DynamicConv2d(ExpertConv2d):
         groups: int = 1,
         bias: bool = True,
         num_experts: int = 4,
-        temperature: float = 30.0,
+        temperature: float = DY_CONV_TEMPERATURE.start,
         reduction: float = 4,
         strategy: Strategy = "auto",
         device: torch.device | str | None = None,
@@ -283,6 +331,16 @@ class DynamicConv2d(ExpertConv2d):
         self.fc2 = nn.Linear(self.hidden_channels, num_experts)
         self.place(device, dtype)
 
+    conv_preservation = None
+
+    def init_from_conv(self, conv: nn.Conv2d) -> None:
+        """Softmax attention sums to 1, so experts all equal to ``W`` give ``W(x) = W`` for every x.
+
+        The attention keeps its random initialisation: the routing differs per sample and per
+        expert, so the experts' gradients differ from the first step and they diverge.
+        """
+        self.load_conv_experts(conv, 1.0)
+
     def routing(self, x: torch.Tensor) -> torch.Tensor:
         """Attention ``pi(x)`` over the kernels, ``(N, K)``, summing to 1 per sample."""
         logits = self.fc2(self.act(self.fc1(x.mean(dim=(2, 3)))))
@@ -291,12 +349,6 @@ class DynamicConv2d(ExpertConv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         return self.mixture_conv(x, self.routing(x))
-
-    def explain(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Routing weights ``(N, K)`` and aggregated kernels ``(N, C_out, C_in/g, k, k)``."""
-        self.check_input(x)
-        routing = self.routing(x)
-        return {"routing_weights": routing, "kernels": self.aggregate_kernels(routing)[0]}
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, temperature={self.temperature}"
@@ -309,7 +361,6 @@ class DynamicConv2d(ExpertConv2d):
     arxiv="1912.03458",
     year=2020,
     summary="DY-Conv followed by BatchNorm and ReLU, the form the paper always uses.",
-    width="free",
     notes="exports with the 'mix' strategy (ONNX Conv groups cannot follow a dynamic batch).",
 )
 class DynamicConvBnAct(Block):
@@ -335,7 +386,7 @@ class DynamicConvBnAct(Block):
         dilation: int = 1,
         groups: int = 1,
         num_experts: int = 4,
-        temperature: float = 30.0,
+        temperature: float = DY_CONV_TEMPERATURE.start,
         reduction: float = 4,
         strategy: Strategy = "auto",
         norm_layer: LayerSpec = "batchnorm",
@@ -414,6 +465,29 @@ class CondConv2d(ExpertConv2d):
         self.routing_fn = nn.Linear(in_channels, num_experts)
         self.place(device, dtype)
 
+    conv_preservation = None
+
+    @torch.no_grad()
+    def init_from_conv(self, conv: nn.Conv2d) -> None:
+        """Sigmoid routing need not sum to 1; pairing the routing rows makes it sum to ``E / 2``.
+
+        Routing row ``e + E//2`` is set to minus row ``e`` (weight and bias), so that
+        ``r_e + r_{e + E//2} = sigmoid(z) + sigmoid(-z) = 1`` for every input; with ``E`` odd the
+        last row is zeroed (``r = 1/2``). Then ``sum_e r_e = E / 2`` for every input and experts
+        all equal to ``(2 / E) W`` give ``W(x) = W`` exactly. The routing stays random and
+        input-dependent (half of its rows keep their initialisation), so the experts diverge from
+        the first step; zeroing the routing instead would make every expert receive the same
+        update forever.
+        """
+        fc, e = self.routing_fn, self.num_experts
+        half = e // 2
+        fc.weight[half:2 * half] = -fc.weight[:half]
+        fc.bias[half:2 * half] = -fc.bias[:half]
+        if e % 2:
+            fc.weight[-1] = 0.0
+            fc.bias[-1] = 0.0
+        self.load_conv_experts(conv, 2.0 / e)
+
     def routing(self, x: torch.Tensor) -> torch.Tensor:
         """Routing weights ``sigmoid(FC(dropout(mean_hw(x))))``, ``(N, E)``."""
         return torch.sigmoid(self.routing_fn(self.routing_dropout(x.mean(dim=(2, 3)))))
@@ -442,12 +516,6 @@ class CondConv2d(ExpertConv2d):
                 f"or (1, {e}), got {tuple(routing.shape)}"
             )
 
-    def explain(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Routing weights ``(N, E)`` and aggregated kernels ``(N, C_out, C_in/g, k, k)``."""
-        self.check_input(x)
-        routing = self.routing(x)
-        return {"routing_weights": routing, "kernels": self.aggregate_kernels(routing)[0]}
-
 
 def _valid_temperature(t: object) -> bool:
     return (
@@ -473,7 +541,8 @@ def set_temperature(model: nn.Module, temperature: float) -> int:
 class TemperatureSchedule:
     """Linear temperature annealing of every :class:`DynamicConv2d` in a model (DY-Conv paper).
 
-    The paper trains with ``T`` reduced linearly from 30 to 1 over the first 10 epochs:
+    The paper trains with ``T`` reduced linearly from 30 to 1 over the first 10 epochs (the
+    defaults, :data:`DY_CONV_TEMPERATURE`):
 
         ``T(epoch) = start + (end - start) * min(epoch, epochs) / epochs``
 
@@ -485,7 +554,11 @@ class TemperatureSchedule:
     """
 
     def __init__(
-        self, model: nn.Module, start: float = 30.0, end: float = 1.0, epochs: int = 10
+        self,
+        model: nn.Module,
+        start: float = DY_CONV_TEMPERATURE.start,
+        end: float = DY_CONV_TEMPERATURE.end,
+        epochs: int = DY_CONV_TEMPERATURE.epochs,
     ) -> None:
         for name, t in (("start", start), ("end", end)):
             if not _valid_temperature(t):

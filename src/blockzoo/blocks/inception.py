@@ -24,9 +24,6 @@ _INCEPTION = dict(
     arxiv="1409.4842",
     year=2015,
     kind="block",
-    width="structural",
-    example_in=16,
-    example_out=None,
 )
 
 
@@ -70,6 +67,7 @@ class Inception(Block):
 
     allowed_strides = (1,)
     stride_reason = "keeps the spatial size"
+    width = "structural"
 
     def __init__(
         self,
@@ -109,12 +107,7 @@ class Inception(Block):
         pool_out = in_channels if naive else widths["pool_proj"]
         derived = widths["ch1x1"] + widths["ch3x3"] + widths["ch5x5"] + pool_out
         rule = "ch1x1 + ch3x3 + ch5x5 + " + ("in_channels" if naive else "pool_proj")
-        self.require(
-            out_channels is None or out_channels == derived,
-            f"out_channels is structural ({rule} = {derived}); pass None or {derived}, "
-            f"got {out_channels}",
-        )
-        self.out_channels = derived
+        self.derive_out_channels(out_channels, derived, rule)
 
         def conv(c_in: int, c_out: int, k: int) -> ConvNormAct:
             return ConvNormAct(c_in, c_out, k, norm_layer=norm_layer, act_layer=act_layer)

@@ -21,10 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from ..core.counting import map_elements
 from ..layers import ConvNormAct, LayerSpec
 from ..ops import involution_aggregate, use_fast_path
 from ..registry import register_block
-from .base import Block
+from .base import Block, ExplainKey
 
 
 def _check_operands(x: torch.Tensor, kernel: torch.Tensor, stride: int) -> tuple[int, int]:
@@ -199,9 +200,6 @@ def involution_unfold_reference(
     year=2021,
     summary="A K x K kernel generated at every position from that position's features, "
     "shared across the channels of a group.",
-    width="same",
-    example_in=32,
-    example_out=None,
     notes="channels are preserved; channels must be divisible by group_channels (16). "
     "Computed by offset accumulation (involution2d), not unfold.",
 )
@@ -226,7 +224,14 @@ class Involution(Block):
     ``in_channels``. Applied with :func:`involution2d` (offset accumulation, no unfold).
     """
 
+    conv_preservation = (
+        "its kernel is shared by all channels of a group and mixes no channels, so it cannot "
+        "express a dense convolution's cross-channel weights"
+    )
+
     allowed_strides = (1, 2)
+    width = "same"
+    width_reason = "preserves the channels"
     compiled_kernels: ClassVar[bool] = True  # blockzoo.ops runs the aggregation where it can
 
     def __init__(
@@ -244,11 +249,6 @@ class Involution(Block):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(in_channels, out_channels, stride)
-        self.require(
-            self.out_channels == in_channels,
-            f"preserves the channels, so out_channels must be None or in_channels "
-            f"({in_channels}), got {out_channels}",
-        )
         self.require(
             isinstance(kernel_size, int) and kernel_size >= 1 and kernel_size % 2 == 1,
             f"kernel_size must be a positive odd integer, got {kernel_size!r}",
@@ -285,16 +285,16 @@ class Involution(Block):
     def explain(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The generated kernels, ``(N, G, K, K, Ho, Wo)``."""
         self.check_input(x)
-        return {"kernels": self.generate_kernel(x)}
+        return {ExplainKey.KERNELS: self.generate_kernel(x)}
 
     def extra_flops(self, x: torch.Tensor) -> int:
         """FLOPs of the aggregation (2 per multiply-add), which FlopCounterMode cannot see.
 
-        Every output value sums ``K * K`` products: ``2 * N * C * Ho * Wo * K * K``.
+        Every output value sums ``K * K`` products: ``2 * N * C * Ho * Wo * K * K``; with a
+        stride, the kernel generator's ``s x s`` average pool adds one per input value.
         """
-        n, c, h, w = x.shape
-        s = self.stride
-        return 2 * n * c * (-(-h // s)) * (-(-w // s)) * self.kernel_size**2
+        pool = map_elements(x) if self.stride > 1 else 0
+        return 2 * (map_elements(x, stride=self.stride) * self.kernel_size**2 + pool)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, kernel_size={self.kernel_size}, groups={self.groups}"

@@ -14,10 +14,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..layers import ConvNormAct, LayerSpec
+from ..core.counting import map_elements
+from ..layers import LayerSpec
 from ..registry import register_block
 from .base import Block
-from .residual import attention_block
+from .residual import attention_block, conv_unit
 
 
 @register_block(
@@ -27,9 +28,6 @@ from .residual import attention_block
     arxiv="1801.04381",
     year=2018,
     summary="1x1 expand -> 3x3 depthwise -> linear 1x1 projection; residual when shapes match.",
-    example_in=16,
-    example_out=32,
-    example_kwargs={"attention": "coord_att"},
 )
 class InvertedResidual(Block):
     """MobileNetV2 inverted residual block (Sandler et al., arXiv 1801.04381, Table 1).
@@ -38,7 +36,12 @@ class InvertedResidual(Block):
     conv hidden -> out + BN`` (the linear bottleneck: no activation at the end), with
     ``hidden = round(in * expand_ratio)`` (``t = 6``). ``expand_ratio=1`` drops the expansion
     conv, as in MobileNetV2's first block. ``out = x + F(x)`` only when ``stride == 1`` and
-    ``in == out``; otherwise ``out = F(x)``. 24 -> 24 with ``t = 6`` has 8,832 parameters.
+    ``in == out``; otherwise ``out = F(x)``.
+
+    ``conv`` names a conv-kind block (``"dynamic_conv"``, ...) that takes the place of every
+    convolution of the block (expansion 1x1, depthwise 3x3 and projection 1x1), built with that
+    conv's channels, stride, kernel size and groups, no bias, and ``conv_kwargs`` (see
+    :func:`~blockzoo.blocks.residual.conv_unit`), as DY-MobileNetV2 does.
 
     ``attention`` names an attention-kind block (``"coord_att"``, ``"se"``, ...) built on the
     ``hidden`` channels with ``attention_kwargs`` and applied after the depthwise conv's BN and
@@ -59,6 +62,8 @@ class InvertedResidual(Block):
         expand_ratio: float = 6,
         attention: str | None = None,
         attention_kwargs: dict[str, Any] | None = None,
+        conv: str | None = None,
+        conv_kwargs: dict[str, Any] | None = None,
         act_layer: LayerSpec = "relu6",
         norm_layer: LayerSpec = "batchnorm",
         device: torch.device | str | None = None,
@@ -70,19 +75,23 @@ class InvertedResidual(Block):
         self.require(hidden >= 1, f"round({in_channels} * {expand_ratio}) gives no channels")
         self.hidden_channels = hidden
         self.use_residual = self.stride == 1 and in_channels == self.out_channels
+        swap = dict(conv=conv, conv_kwargs=conv_kwargs, norm_layer=norm_layer)
         self.expand: nn.Module = (
             nn.Identity() if expand_ratio == 1
-            else ConvNormAct(in_channels, hidden, 1, norm_layer=norm_layer, act_layer=act_layer)
+            else conv_unit(self, in_channels, hidden, 1, act_layer=act_layer, **swap)
         )
-        self.depthwise = ConvNormAct(
-            hidden, hidden, 3, stride, groups=hidden, norm_layer=norm_layer, act_layer=act_layer
+        self.depthwise = conv_unit(
+            self, hidden, hidden, 3, stride, groups=hidden, act_layer=act_layer, **swap
         )
         self.attention = attention_block(self, attention, hidden, attention_kwargs)
-        self.project = ConvNormAct(hidden, self.out_channels, 1, norm_layer=norm_layer,
-                                   act_layer=None)
+        self.project = conv_unit(self, hidden, self.out_channels, 1, act_layer=None, **swap)
         self.place(device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         y = self.project(self.attention(self.depthwise(self.expand(x))))
         return x + y if self.use_residual else y
+
+    def extra_flops(self, x: torch.Tensor) -> int:
+        """The residual add (stride 1, same width), one per output value."""
+        return 2 * map_elements(x) if self.use_residual else 0

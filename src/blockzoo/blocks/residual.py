@@ -16,20 +16,22 @@ place of the 3x3 conv (DY-Conv, SK, involution, ACmix, deformable ResNets).
 
 from __future__ import annotations
 
+import inspect
 from collections import OrderedDict
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..layers import ConvNormAct, LayerSpec, create_act, create_norm
+from ..core.counting import map_elements
+from ..layers import ConvNormAct, LayerSpec, create_act
 from ..registry import block_info, create_block, list_blocks, register_block
 from .base import Block
 
 _RESNET_PAPER = dict(
     paper="Deep Residual Learning for Image Recognition", arxiv="1512.03385", year=2016
 )
-_BLOCK = dict(kind="block", example_in=16, example_out=32)
+_BLOCK = dict(kind="block")
 
 
 def _registered(block: Block, option: str, name: str, kind: str) -> None:
@@ -65,7 +67,6 @@ def bottleneck_width(
     expansion: int,
     cardinality: int,
     base_width: int,
-    expansion_name: str = "expansion",
 ) -> int:
     """Width of the 3x3 conv: ``floor(out / expansion * base_width / 64) * cardinality``.
 
@@ -74,7 +75,7 @@ def bottleneck_width(
     ``4 * 32 = 128`` for ``out = 256``. Every group must get at least one channel.
     """
     for name, value in (
-        (expansion_name, expansion), ("cardinality", cardinality), ("base_width", base_width)
+        ("expansion", expansion), ("cardinality", cardinality), ("base_width", base_width)
     ):
         block.require(
             isinstance(value, int) and not isinstance(value, bool) and value >= 1,
@@ -84,9 +85,50 @@ def bottleneck_width(
     block.require(
         per_group >= 1,
         f"the 3x3 conv gets floor({out_channels} / {expansion} * {base_width} / 64) = 0 channels "
-        f"per group; use more out_channels, a larger base_width or a smaller {expansion_name}",
+        f"per group; use more out_channels, a larger base_width or a smaller expansion",
     )
     return per_group * cardinality
+
+
+def conv_unit(
+    block: Block,
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int,
+    stride: int = 1,
+    *,
+    groups: int = 1,
+    conv: str | None = None,
+    conv_kwargs: dict[str, Any] | None = None,
+    norm_layer: LayerSpec = "batchnorm",
+    act_layer: LayerSpec = "relu",
+) -> ConvNormAct:
+    """``conv -> norm -> act`` (:class:`~blockzoo.layers.ConvNormAct`), the conv optionally a block.
+
+    ``conv`` names a registered conv-kind block that takes the place of the ``nn.Conv2d``: it is
+    built as ``create_block(conv, in_channels, out_channels, stride, **geometry, **conv_kwargs)``
+    where ``geometry`` holds the plain conv's ``kernel_size``, ``groups`` and ``bias`` (no bias
+    when a norm follows), each passed only if the block's constructor takes it; ``conv_kwargs``
+    win. A grouped conv needs a block that takes ``groups``. This is the one conv-swap mechanism
+    of the networks: the bottleneck's 3x3 conv and every conv of the inverted residual block.
+    """
+    if conv is None:
+        block.require(not conv_kwargs, f"conv_kwargs {conv_kwargs} given without a conv block")
+        module = None
+    else:
+        _registered(block, "conv", conv, "conv")
+        accepted = inspect.signature(block_info(conv).cls.__init__).parameters
+        geometry = {"kernel_size": kernel_size, "groups": groups, "bias": norm_layer is None}
+        block.require(
+            groups == 1 or "groups" in accepted,
+            f"conv={conv!r} takes no groups, so it cannot replace a conv with {groups} groups "
+            f"({in_channels} -> {out_channels} channels)",
+        )
+        kwargs = {k: v for k, v in geometry.items() if k in accepted}
+        module = create_block(conv, in_channels, out_channels, stride,
+                              **{**kwargs, **(conv_kwargs or {})})
+    return ConvNormAct(in_channels, out_channels, kernel_size, stride, groups=groups,
+                       norm_layer=norm_layer, act_layer=act_layer, conv=module)
 
 
 def bottleneck_body(
@@ -103,25 +145,18 @@ def bottleneck_body(
     """``conv1`` 1x1 in -> width, ``conv2`` 3x3 (stride, groups) and ``conv3`` 1x1 width -> out.
 
     Each is conv + norm; ``conv1`` and ``conv2`` are followed by the activation, ``conv3`` is not.
-    ``conv`` names a registered conv-kind block that replaces ``conv2``'s convolution, built as
-    ``create_block(conv, width, width, stride=stride, **conv_kwargs)``; the norm and activation
-    follow it unless ``conv_norm_act=False`` (for conv blocks that end in their own norm and
-    activation, as SKNet's selective-kernel conv does).
+    ``conv`` names a registered conv-kind block that replaces ``conv2``'s convolution (see
+    :func:`conv_unit`); the norm and activation follow it unless ``conv_norm_act=False`` (for
+    conv blocks that end in their own norm and activation, as SKNet's selective-kernel conv does).
     """
-    if conv is None:
-        block.require(not conv_kwargs, f"conv_kwargs {conv_kwargs} given without a conv block")
-        block.require(conv_norm_act, "conv_norm_act=False needs a conv block (conv=...)")
-        conv2 = ConvNormAct(
-            width, width, 3, block.stride, groups=cardinality,
-            norm_layer=norm_layer, act_layer=act_layer,
-        )
-    else:
-        _registered(block, "conv", conv, "conv")
-        conv2 = nn.Sequential(OrderedDict(
-            conv=create_block(conv, width, width, block.stride, **(conv_kwargs or {})),
-            bn=create_norm(norm_layer if conv_norm_act else None, width),
-            act=create_act(act_layer if conv_norm_act else None),
-        ))
+    block.require(conv_norm_act or conv is not None,
+                  "conv_norm_act=False needs a conv block (conv=...)")
+    keep = conv_norm_act
+    conv2 = conv_unit(
+        block, width, width, 3, block.stride, groups=cardinality, conv=conv,
+        conv_kwargs=conv_kwargs, norm_layer=norm_layer if keep else None,
+        act_layer=act_layer if keep else None,
+    )
     return nn.Sequential(OrderedDict(
         conv1=ConvNormAct(block.in_channels, width, 1, norm_layer=norm_layer, act_layer=act_layer),
         conv2=conv2,
@@ -139,8 +174,8 @@ class Bottleneck(Block):
     """The ResNet bottleneck without its shortcut (He et al., arXiv 1512.03385, Fig. 5 right).
 
     ``1x1 conv in -> mid + BN + ReLU -> 3x3 conv mid -> mid (stride) + BN + ReLU -> 1x1 conv
-    mid -> out + BN``, no activation at the end. ``mid = out / reduction`` (``reduction = 4``:
-    64 -> 256 gives ``mid = 64``, 58,112 parameters); with ``cardinality``/``base_width`` the
+    mid -> out + BN``, no activation at the end. ``mid = out / expansion`` (``expansion = 4``:
+    64 -> 256 gives ``mid = 64``); with ``cardinality``/``base_width`` the
     3x3 conv is grouped and ``mid`` follows ResNeXt (see :func:`bottleneck_width`). ``conv``
     names a conv-kind block that replaces the 3x3 conv (see :func:`bottleneck_body`).
 
@@ -155,7 +190,7 @@ class Bottleneck(Block):
         out_channels: int | None = None,
         stride: int = 1,
         *,
-        reduction: int = 4,
+        expansion: int = 4,
         cardinality: int = 1,
         base_width: int = 64,
         conv: str | None = None,
@@ -167,9 +202,7 @@ class Bottleneck(Block):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(in_channels, out_channels, stride)
-        self.width = bottleneck_width(
-            self, self.out_channels, reduction, cardinality, base_width, "reduction"
-        )
+        self.width = bottleneck_width(self, self.out_channels, expansion, cardinality, base_width)
         self.body = bottleneck_body(
             self, self.width, cardinality=cardinality, conv=conv, conv_kwargs=conv_kwargs,
             conv_norm_act=conv_norm_act, act_layer=act_layer, norm_layer=norm_layer,
@@ -179,6 +212,15 @@ class Bottleneck(Block):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         return self.body(x)
+
+
+def residual_shortcut(block: Block, norm_layer: LayerSpec = "batchnorm") -> nn.Module:
+    """The shortcut of a residual ``block``: the identity when its shape is kept, else a 1x1 conv
+    with the block's stride + norm (the ResNet paper's projection shortcut, option B)."""
+    if block.in_channels == block.out_channels and block.stride == 1:
+        return nn.Identity()
+    return ConvNormAct(block.in_channels, block.out_channels, 1, block.stride,
+                       norm_layer=norm_layer, act_layer=None)
 
 
 class ResidualBlock(Block):
@@ -203,13 +245,7 @@ class ResidualBlock(Block):
     ) -> None:
         self.body = body
         self.attention = attention_block(self, attention, self.out_channels, attention_kwargs)
-        if self.in_channels == self.out_channels and self.stride == 1:
-            self.shortcut: nn.Module = nn.Identity()
-        else:
-            self.shortcut = ConvNormAct(
-                self.in_channels, self.out_channels, 1, self.stride,
-                norm_layer=norm_layer, act_layer=None,
-            )
+        self.shortcut = residual_shortcut(self, norm_layer)
         self.act = create_act(act_layer)
         if zero_init_last:
             last_norm = body[-1].bn
@@ -223,12 +259,15 @@ class ResidualBlock(Block):
         self.check_input(x)
         return self.act(self.attention(self.body(x)) + self.shortcut(x))
 
+    def extra_flops(self, x: torch.Tensor) -> int:
+        """The shortcut add, one per output value (attention blocks inside declare their own)."""
+        return 2 * map_elements(x, self.out_channels, self.stride)
+
 
 @register_block(
     "residual",
     **_RESNET_PAPER,
     summary="ResNet bottleneck residual block: 1x1-3x3-1x1 + shortcut, ReLU after the add.",
-    example_kwargs={"attention": "se"},
     **_BLOCK,
 )
 @register_block(
@@ -238,7 +277,6 @@ class ResidualBlock(Block):
     year=2017,
     summary="ResNeXt block: bottleneck whose 3x3 conv has 32 groups of width 4, + shortcut.",
     preset={"cardinality": 32, "base_width": 4},
-    example_kwargs={"cardinality": 4, "base_width": 16},
     notes="the residual block with the preset cardinality=32, base_width=4.",
     **_BLOCK,
 )
@@ -252,10 +290,10 @@ class ResidualBottleneck(ResidualBlock):
     shape changes (the paper's option B). The stride is on the 3x3 conv ("ResNet v1.5").
 
     ``D = floor(out / expansion * base_width / 64) * cardinality`` (torchvision's ``width``):
-    ``residual`` (``expansion=4, cardinality=1, base_width=64``) gives ``D = out / 4``, so
-    ResNet-50's first block 64 -> 256 has 75,008 parameters with its projection shortcut;
-    ``resnext`` presets ``cardinality=32, base_width=4`` (ResNeXt 32x4d, ``D = 128`` for
-    ``out = 256``), the paper's form (c): one grouped conv equal to 32 summed paths.
+    ``residual`` (``expansion=4, cardinality=1, base_width=64``) gives ``D = out / 4``, as
+    in ResNet-50; ``resnext`` presets ``cardinality=32, base_width=4`` (ResNeXt 32x4d,
+    ``D = 128`` for ``out = 256``), the paper's form (c): one grouped conv equal to 32 summed
+    paths.
 
     ``attention`` names an attention-kind block (``"se"``, ``"gc"``, ``"coord_att"``, ...)
     built on ``out`` channels with ``attention_kwargs`` and applied after the last BN, before
@@ -310,7 +348,7 @@ class BasicResidual(ResidualBlock):
 
     ``out = relu(attention(F(x)) + shortcut(x))`` with ``F = 3x3 conv (in -> out, stride) + BN
     + ReLU -> 3x3 conv (out -> out) + BN`` (expansion 1) and the shortcut, attention and
-    ``zero_init_last`` options of :class:`ResidualBottleneck`. 64 -> 64 has 73,984 parameters.
+    ``zero_init_last`` options of :class:`ResidualBottleneck`.
 
     Shapes: ``(N, in, H, W) -> (N, out, ceil(H / stride), ceil(W / stride))``, stride 1 or 2.
     """

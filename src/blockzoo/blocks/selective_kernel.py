@@ -17,9 +17,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..core.counting import map_elements
 from ..layers import ConvNormAct, LayerSpec, create_act
 from ..registry import register_block
-from .base import Block
+from .base import Block, ExplainKey
+from .residual import residual_shortcut
 
 
 def clamp_groups(groups: int, *channels: int) -> int:
@@ -40,8 +42,6 @@ def clamp_groups(groups: int, *channels: int) -> int:
     year=2019,
     summary="Parallel branches with different receptive fields, mixed per channel by a softmax "
     "attention computed from their pooled sum.",
-    example_in=16,
-    example_out=24,
     notes="groups are clamped to the largest divisor of in_channels and out_channels not above "
     "the requested value. The BN on the fused vector z uses the running statistics for a "
     "training batch of one (blockzoo BatchNorm2d).",
@@ -68,6 +68,11 @@ class SKConv(Block):
     Shapes: ``(N, in, H, W) -> (N, out, ceil(H / s), ceil(W / s))``, stride 1 or 2. ``forward(x,
     return_attention=True)`` also returns the attention ``a`` of shape ``(N, M, out)``.
     """
+
+    conv_preservation = (
+        "its branches end in BatchNorm + ReLU and are mixed by a softmax, a non-linear function "
+        "of the input that no initialisation makes equal to a linear convolution"
+    )
 
     allowed_strides = (1, 2)
 
@@ -149,9 +154,15 @@ class SKConv(Block):
         )
         return (out, weights) if return_attention else out
 
+    def extra_flops(self, x: torch.Tensor) -> int:
+        """Per output value: ``M - 1`` adds fuse the branches into ``U``, one for the global
+        pool of ``U`` and ``M`` for the weighted sum ``sum_m a_m U_m``: ``2 * 2M * N*C*H'*W'``
+        FLOPs (``C = out_channels``)."""
+        return 2 * 2 * self.M * map_elements(x, self.out_channels, self.stride)
+
     def explain(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The branch weights ``a`` of shape ``(N, M, out_channels)`` (softmax over ``M``)."""
-        return {"branch_weights": self(x, return_attention=True)[1]}
+        return {ExplainKey.BRANCH_WEIGHTS: self(x, return_attention=True)[1]}
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, M={self.M}, groups={self.groups}, d={self.d}"
@@ -164,8 +175,6 @@ class SKConv(Block):
     arxiv="1903.06586",
     year=2019,
     summary="SKNet bottleneck: 1x1 conv -> SKConv (stride) -> 1x1 conv, plus a shortcut.",
-    example_in=16,
-    example_out=32,
     notes="mid_channels defaults to out_channels // 2 as in SKNet-50; the SKConv's groups are "
     "clamped to a divisor of mid_channels.",
 )
@@ -214,18 +223,17 @@ class SKUnit(Block):
             reduction=reduction, min_dim=min_dim, act_layer=act_layer, norm_layer=norm_layer,
         )
         self.conv3 = ConvNormAct(mid, out, 1, norm_layer=norm_layer, act_layer=None)
-        if in_channels == out and stride == 1:
-            self.shortcut = nn.Identity()
-        else:
-            self.shortcut = ConvNormAct(
-                in_channels, out, 1, stride, norm_layer=norm_layer, act_layer=None
-            )
+        self.shortcut = residual_shortcut(self, norm_layer)
         self.act = create_act(act_layer)
         self.place(device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         return self.act(self.conv3(self.sk(self.conv1(x))) + self.shortcut(x))
+
+    def extra_flops(self, x: torch.Tensor) -> int:
+        """The shortcut add, one per output value (the SKConv inside declares its own)."""
+        return 2 * map_elements(x, self.out_channels, self.stride)
 
     def explain(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The SKConv's branch weights ``(N, M, mid_channels)``."""

@@ -20,9 +20,6 @@ from .base import Block
     arxiv="1610.02357",
     year=2017,
     summary="A depthwise k x k conv (spatial) followed by a pointwise 1x1 conv (channels).",
-    width="free",
-    example_in=16,
-    example_out=24,
 )
 class SeparableConv(Block):
     """Depthwise separable convolution (Chollet, Xception, arXiv 1610.02357).
@@ -47,6 +44,13 @@ class SeparableConv(Block):
     Shapes: ``(N, C_in, H, W) -> (N, C_out, ceil(H / stride), ceil(W / stride))``, ``stride``
     1 or 2 (the strides Xception and the mobile networks use).
     """
+
+    conv_preservation = (
+        "a depthwise k x k conv followed by a pointwise 1x1 conv has kernels of the form "
+        "W[o, i] = P[o, i] * D[i], so it reproduces a dense conv only in special cases (and "
+        "BatchNorm and ReLU follow it by default)"
+    )
+    ends_with_norm_act = True
 
     allowed_strides = (1, 2)
 

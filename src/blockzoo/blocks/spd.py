@@ -55,6 +55,13 @@ class SPDConv(Block):
     Shapes: ``(N, C, H, W) -> (N, out_channels, ceil(H / s), ceil(W / s))``.
     """
 
+    conv_preservation = (
+        "space-to-depth followed by a convolution, BatchNorm and an activation is not linear in "
+        "its input, and blockzoo has no initialiser that rewrites a strided kernel for the "
+        "space-to-depth layout, so it cannot start as the strided convolution it replaces"
+    )
+    ends_with_norm_act = True
+
     def __init__(
         self,
         in_channels: int,

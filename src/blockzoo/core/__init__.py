@@ -4,7 +4,7 @@
 imports from them.
 """
 
-from .counting import count_flops, count_parameters
+from .counting import count_flops, count_parameters, map_elements
 from .formatting import FORMATS, format_rows, replace_between_markers
 from .validation import check_positive_int, close_matches, require
 
@@ -15,6 +15,7 @@ __all__ = [
     "count_flops",
     "count_parameters",
     "format_rows",
+    "map_elements",
     "replace_between_markers",
     "require",
 ]

@@ -13,6 +13,14 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 
+def map_elements(x: torch.Tensor, channels: int | None = None, stride: int = 1) -> int:
+    """``N * channels * ceil(H / stride) * ceil(W / stride)`` for an input ``x`` of shape
+    ``(N, C, H, W)`` (``channels`` defaults to ``C``): the size of a feature map, the unit in
+    which ``extra_flops`` hooks count their elementwise multiply-adds."""
+    n, c, h, w = x.shape
+    return n * (c if channels is None else channels) * (-(-h // stride)) * (-(-w // stride))
+
+
 def count_parameters(module: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad)

@@ -5,12 +5,13 @@ Each named model is a configuration of a generic builder (:class:`ResNetLike`,
 figures and training notes). Importing this package registers every model.
 """
 
-from .base import StagedNet
+from .base import FeatureInfo, StagedNet
 from .mobilenet import MOBILENETV2_SETTINGS, MobileNetV2
 from .registry import ModelInfo, create_model, list_models, model_info, register_model
 from .resnet import ResNetLike, make_stem
 
 __all__ = [
+    "FeatureInfo",
     "MOBILENETV2_SETTINGS",
     "MobileNetV2",
     "ModelInfo",

@@ -19,8 +19,8 @@ from torch import nn
 
 from ..blocks.mobile import InvertedResidual
 from ..layers import ConvNormAct, LayerSpec, make_divisible
-from ..surgery import replace_convs
 from .base import StagedNet, init_conv_norm_act
+from .pretrained import ReleasedWeights
 from .registry import default_cfg, register_model
 
 #: MobileNetV2's body (Sandler et al., Table 2): expansion t, output channels c, repeats n,
@@ -36,21 +36,6 @@ MOBILENETV2_SETTINGS: tuple[tuple[int, int, int, int], ...] = (
 )
 
 
-def swap_convs(module: nn.Module, conv: str, conv_kwargs: dict[str, Any] | None) -> None:
-    """Replace the ``nn.Conv2d`` of every ``ConvNormAct`` inside ``module`` by the conv-kind
-    block ``conv`` (same channels, stride, kernel size and groups, no bias), freshly initialised.
-
-    Uses :func:`blockzoo.surgery.replace_convs` on each conv + norm + act unit; a conv the block
-    cannot replace (e.g. a depthwise conv for a block without ``groups``) is a ``ValueError``.
-    """
-    units = [m for m in module.modules() if isinstance(m, ConvNormAct)]
-    for unit in units:
-        report = replace_convs(unit, conv, "conv", preserve=False, **(conv_kwargs or {}))
-        if report.skipped:
-            name, reason = report.skipped[0]
-            raise ValueError(f"MobileNetV2: conv={conv!r} cannot replace {unit.conv}: {reason}")
-
-
 class MobileNetV2(StagedNet):
     """MobileNetV2 (Sandler et al., arXiv 1801.04381) with optional attention and conv blocks.
 
@@ -59,7 +44,9 @@ class MobileNetV2(StagedNet):
     to multiples of 8) -> ``head_conv`` (1x1 conv to ``last_channels``, BN, ReLU6) -> global
     average pool -> dropout (``drop_rate = 0.2``) -> linear. The blocks are grouped into four
     stages ending at strides 4, 8, 16 and 32 (24, 32, 96 and 320 channels at width 1.0); with
-    ``features_only`` the head conv is not built.
+    ``features_only`` the head conv is not built. ``forward_features`` ends with the head conv
+    (``num_features = last_channels``); ``out_indices``, ``global_pool`` and timm's model API:
+    see :class:`~blockzoo.models.base.StagedNet`.
 
     - ``attention``: an attention-kind block put after the depthwise conv (+ BN + ReLU6) of every
       block, on the expanded channels, with ``attention_kwargs``; ``attention_on_t1=False``
@@ -68,7 +55,7 @@ class MobileNetV2(StagedNet):
     - ``conv``: a conv-kind block (``"dynamic_conv"``, ...) that replaces every convolution of
       the inverted residual blocks (expansion 1x1, depthwise 3x3 and projection 1x1), built with
       the conv's channels, stride, kernel size and groups, no bias, and ``conv_kwargs``
-      (:func:`swap_convs`); the stem and the head conv stay static.
+      (``InvertedResidual(conv=...)``); the stem and the head conv stay static.
 
     ``torchvision.models.mobilenet_v2()`` and ``MobileNetV2()`` have the same parameter shapes
     (3,504,872 parameters).
@@ -92,11 +79,11 @@ class MobileNetV2(StagedNet):
         num_classes: int = 1000,
         in_chans: int = 3,
         features_only: bool = False,
+        out_indices: Sequence[int] | None = None,
+        global_pool: str = "avg",
     ) -> None:
         if width_mult <= 0:
             raise ValueError(f"MobileNetV2: width_mult must be positive, got {width_mult}")
-        if conv is None and conv_kwargs:
-            raise ValueError(f"MobileNetV2: conv_kwargs {conv_kwargs} given without conv")
         norm_act = dict(norm_layer=norm_layer, act_layer=act_layer)
         cin = make_divisible(stem_width * width_mult, 8)
         stem = ConvNormAct(in_chans, cin, 3, 2, **norm_act)
@@ -114,17 +101,16 @@ class MobileNetV2(StagedNet):
                 stages[-1].append(InvertedResidual(
                     cin, cout, s if i == 0 else 1, expand_ratio=t,
                     attention=attention if use_attention else None,
-                    attention_kwargs=attention_kwargs if use_attention else None, **norm_act,
+                    attention_kwargs=attention_kwargs if use_attention else None,
+                    conv=conv, conv_kwargs=conv_kwargs, **norm_act,
                 ))
                 cin = cout
         modules = [nn.Sequential(*blocks) for blocks in stages]
-        if conv is not None:
-            for stage in modules:
-                swap_convs(stage, conv, conv_kwargs)
         last = make_divisible(last_channels * max(1.0, width_mult), 8)
         super().__init__(
             stem, modules, stem_stride=2, stage_strides=strides, in_chans=in_chans,
             num_classes=num_classes, features_only=features_only,
+            out_indices=out_indices, global_pool=global_pool,
             head_conv=None if features_only else ConvNormAct(cin, last, 1, **norm_act),
             head_channels=last, drop_rate=drop_rate,
         )
@@ -155,6 +141,21 @@ register_model(
         notes="Width 1.0, 224x224: 3,504,872 parameters, exactly torchvision's mobilenet_v2 "
         "(the coordinate attention paper's baseline row says 3.5M, 72.3 top-1; the MobileNetV2 "
         "paper's Table 4 rounds the same network to 3.4M); dropout 0.2 before the classifier.",
+        weights=tuple(
+            ReleasedWeights(
+                tag=tag, url=f"https://download.pytorch.org/models/mobilenet_v2-{sha}.pth",
+                page="https://pytorch.org/vision/stable/models/generated/"
+                "torchvision.models.mobilenet_v2.html",
+                sha256=sha, top1=top1, license="BSD-3-Clause (torchvision)",
+                layout="torchvision_mobilenetv2", notes=notes,
+            )
+            for tag, sha, top1, notes in (
+                ("tv_in1k", "b0353104", 71.878, "torchvision MobileNet_V2_Weights.IMAGENET1K_V1; "
+                 "evaluated with resize 256, centre crop 224, bilinear."),
+                ("tv2_in1k", "7ebf99e0", 72.154, "torchvision MobileNet_V2_Weights.IMAGENET1K_V2 "
+                 "(its newer recipe); evaluated with resize 232, centre crop 224, bilinear."),
+            )
+        ),
     ),
 )
 
@@ -164,7 +165,16 @@ register_model(
         **_CA, paper_params_m=3.95, paper_gmacs=0.310, paper_top1=74.3, training=_CA_RECIPE,
         notes="Coordinate attention (reduction 32, at least 8 channels, h-swish) after the "
         "depthwise conv + BN + ReLU6 of every block with t != 1, on the expanded channels, as "
-        "the reference mbv2_ca code.",
+        "the reference mbv2_ca code. The authors' mbv2_ca.pth loads (layout 'coordatt_mbv2'); "
+        "their classifier dropout is 0.1 (0.2 here; no effect on evaluation).",
+        weights=(ReleasedWeights(
+            tag="ca_in1k", page="https://github.com/houqb/CoordAttention",
+            url="https://github.com/houqb/CoordAttention/raw/main/mbv2_ca.pth", sha256=None,
+            top1=74.3, license="MIT", layout="coordatt_mbv2",
+            notes="mbv2_ca.pth, committed to the repository on 2021-04-28 (git blob "
+            "07b6640600b7d767acfaebcf5ddb801b675073df; no SHA-256 published). Top-1 is the "
+            "paper's (Table: MobileNetV2 + CA, 74.3).",
+        ),),
     ),
     attention="coord_att", attention_kwargs={"reduction": 32},
 )

@@ -16,41 +16,55 @@ size, normalisation, the paper's figures and training notes), :func:`create_mode
   call them FLOPs; blockzoo's FLOPs are 2 per multiply-add, so compare with ``flops / 2``);
 - ``paper_top1``: the paper's ImageNet top-1 accuracy (%), single 224 crop unless ``notes`` say;
 - ``training``: the paper's training recipe, as far as the paper states it;
-- ``notes``: the layout built and where it departs from (or goes beyond) the paper.
+- ``notes``: the layout built and where it departs from (or goes beyond) the paper;
+- ``interpolation``, ``crop_pct``: the evaluation resize (timm's names: resize the shorter side
+  to ``input_size / crop_pct`` with ``interpolation``, centre-crop ``input_size``);
+- ``weights``: the checkpoints the authors released, as
+  :class:`~blockzoo.models.pretrained.ReleasedWeights` (where, reported accuracy, license,
+  SHA-256 where known, key layout); empty when none exist;
+- ``layouts``: further key layouts (:data:`~blockzoo.models.pretrained.LAYOUTS`) the network
+  reads besides blockzoo's and its released checkpoints' (e.g. the authors' training code's,
+  when they released no checkpoint).
 
-:func:`create_model` adds two keys that depend on what was built:
+:func:`create_model` adds the keys that depend on what was built:
 
 - ``architecture``: the registered name;
-- ``temperature_schedule``: ``{"start": 30.0, "end": 1.0, "epochs": 10}`` (DY-Conv's annealing
-  of the softmax temperature over the first 10 epochs, the arguments of
-  :class:`blockzoo.TemperatureSchedule`) when the model holds dynamic convolutions (also
-  when they were asked for with ``conv="dynamic_conv"``), else ``None``.
+- ``pool_size``: the final feature map's size at ``input_size``; ``first_conv`` and
+  ``classifier``: the names of the first convolution and of the classifier (timm's keys);
+- ``min_input_size``: ``(in_chans, 32, 32)``, the smallest input at which every stride-32 stage
+  output is a full (not padding-only) window; the networks accept any size;
+- ``temperature_schedule``: ``blockzoo.blocks.dynamic.DY_CONV_TEMPERATURE.as_dict()`` (DY-Conv's
+  annealing of the softmax temperature, the arguments of :class:`blockzoo.TemperatureSchedule`)
+  when the model holds dynamic convolutions (also when they were asked for with
+  ``conv="dynamic_conv"``), else ``None``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+import fnmatch
+import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
+import torch
 from torch import nn
 
-from ..blocks.dynamic import DynamicConv2d
+from ..blocks.dynamic import DY_CONV_TEMPERATURE, DynamicConv2d
 from ..registry import unknown_name
+from .pretrained import ReleasedWeights, load_pretrained
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 
-#: DY-Conv's temperature annealing (Chen et al., arXiv 1912.03458, training section): 30 -> 1,
-#: linear, over the first 10 epochs.
-DY_CONV_TEMPERATURE = {"start": 30.0, "end": 1.0, "epochs": 10}
-
 CFG_KEYS = (
     "input_size", "mean", "std", "num_classes", "paper", "arxiv", "paper_params_m",
-    "paper_gmacs", "paper_top1", "training", "notes",
+    "paper_gmacs", "paper_top1", "training", "notes", "interpolation", "crop_pct", "weights",
+    "layouts",
 )
 
 _MODELS: dict[str, ModelInfo] = {}
@@ -85,12 +99,17 @@ def default_cfg(
     mean: tuple[float, ...] = IMAGENET_MEAN,
     std: tuple[float, ...] = IMAGENET_STD,
     num_classes: int = 1000,
+    interpolation: str = "bilinear",
+    crop_pct: float = 0.875,
+    weights: tuple[ReleasedWeights, ...] = (),
+    layouts: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """A complete ``default_cfg`` dict (see the module docstring for the keys)."""
     return dict(
         input_size=input_size, mean=mean, std=std, num_classes=num_classes, paper=paper,
         arxiv=arxiv, paper_params_m=paper_params_m, paper_gmacs=paper_gmacs,
-        paper_top1=paper_top1, training=training, notes=notes,
+        paper_top1=paper_top1, training=training, notes=notes, interpolation=interpolation,
+        crop_pct=crop_pct, weights=tuple(weights), layouts=tuple(layouts),
     )
 
 
@@ -122,38 +141,84 @@ def model_info(name: str) -> ModelInfo:
     return _MODELS[name]
 
 
-def list_models() -> list[str]:
-    """Sorted names of the registered models."""
-    return sorted(_MODELS)
+def list_models(pattern: str | None = None, pretrained: bool = False) -> list[str]:
+    """Sorted names of the registered models.
+
+    ``pattern``: an ``fnmatch`` pattern (``"rednet*"``); ``pretrained=True``: only the models
+    whose ``default_cfg["weights"]`` lists a checkpoint released by their authors.
+    """
+    names = sorted(_MODELS)
+    if pattern is not None:
+        names = fnmatch.filter(names, pattern)
+    if pretrained:
+        names = [n for n in names if _MODELS[n].default_cfg["weights"]]
+    return names
 
 
 def create_model(
     name: str,
-    num_classes: int = 1000,
+    pretrained: bool | str | os.PathLike | ReleasedWeights = False,
+    *,
+    num_classes: int | None = None,
     in_chans: int = 3,
     features_only: bool = False,
+    out_indices: Sequence[int] | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """Build the model registered as ``name``.
 
-    ``kwargs`` override the registered configuration (e.g. ``conv="dynamic_conv"``,
-    ``attention="se"``, ``layers=(2, 2, 2, 2)``). ``features_only=True`` builds the backbone
-    alone: its forward returns the list of the 4 stage outputs, with ``model.stage_channels``
-    channels at strides ``model.feature_strides``. The model carries ``default_cfg`` (a dict, see
-    this module's docstring) with ``num_classes`` and ``input_size`` set to what was built.
+    - ``pretrained``: ``False``; ``True`` (the first of ``default_cfg["weights"]``, downloaded
+      into torch.hub's cache and checked against its SHA-256); a local file (blockzoo's own
+      state_dict or an authors' checkpoint, ``.pth``/``.pt``/``.safetensors``); or an
+      ``http(s)://`` URL; or one of ``default_cfg["weights"]``. See
+      :func:`blockzoo.models.pretrained.load_pretrained`.
+    - ``num_classes``: the classifier's size (default: ``default_cfg["num_classes"]``; 0: no
+      classifier). A checkpoint with another number of classes loads without its classifier.
+    - ``in_chans``: input channels (a pretrained first conv is adapted as timm does).
+    - ``features_only=True`` builds the backbone alone: its forward returns the list of the stage
+      outputs chosen by ``out_indices`` (default: all), described by ``model.feature_info``.
+    - ``device``, ``dtype``: where and in which floating dtype the parameters are created.
+    - ``kwargs`` override the registered configuration (e.g. ``conv="dynamic_conv"``,
+      ``attention="se"``, ``global_pool="max"``, ``drop_rate=0.2``); an unknown keyword is a
+      ``TypeError``.
+
+    The model carries ``default_cfg`` (also as ``pretrained_cfg``; a dict, see this module's
+    docstring) with ``num_classes`` and ``input_size`` set to what was built.
     """
     info = model_info(name)
-    model = info.builder(
-        **{**info.config, **kwargs}, num_classes=num_classes, in_chans=in_chans,
-        features_only=features_only,
-    )
+    if not isinstance(pretrained, bool | str | os.PathLike | ReleasedWeights):
+        raise TypeError(f"create_model: pretrained must be a bool, a path or a URL, got "
+                        f"{pretrained!r} (num_classes and the other options are keywords)")
+    if num_classes is None:
+        num_classes = info.default_cfg["num_classes"]
+    config = {**info.config, **kwargs}
+    if out_indices is not None:
+        config["out_indices"] = out_indices
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = info.builder(
+            **config, num_classes=num_classes, in_chans=in_chans, features_only=features_only
+        )
+    if dtype is not None:
+        model.to(dtype=dtype)
     cfg = dict(info.default_cfg)
-    cfg["num_classes"] = 0 if features_only else num_classes
-    cfg["input_size"] = (in_chans, *cfg["input_size"][1:])
+    cfg["num_classes"] = getattr(model, "num_classes", 0 if features_only else num_classes)
+    size = cfg["input_size"][1:]
+    cfg["input_size"] = (in_chans, *size)
     if in_chans != len(cfg["mean"]):
         cfg["mean"], cfg["std"] = (0.5,) * in_chans, (0.5,) * in_chans
     cfg["architecture"] = name
     dynamic = any(isinstance(m, DynamicConv2d) for m in model.modules())
-    cfg["temperature_schedule"] = dict(DY_CONV_TEMPERATURE) if dynamic else None
-    model.default_cfg = cfg
+    cfg["temperature_schedule"] = DY_CONV_TEMPERATURE.as_dict() if dynamic else None
+    strides = getattr(model, "feature_strides", None)
+    cfg["pool_size"] = tuple(-(-s // strides[-1]) for s in size) if strides else None
+    cfg["first_conv"] = next(
+        (n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), None
+    )
+    cfg["classifier"] = "fc" if isinstance(getattr(model, "fc", None), nn.Linear) else None
+    cfg["min_input_size"] = (in_chans, 32, 32)
+    model.default_cfg = model.pretrained_cfg = cfg
+    if pretrained is not False:
+        load_pretrained(model, pretrained)
     return model

@@ -29,6 +29,7 @@ from ..blocks.spd import SPDBottleneck
 from ..layers import ConvNormAct, LayerSpec, create_act, create_norm
 from ..registry import block_info, create_block
 from .base import StagedNet, check_positive_ints, init_conv_norm_act
+from .pretrained import ReleasedWeights
 from .registry import CIFAR_MEAN, CIFAR_STD, default_cfg, register_model
 
 STEMS = ("resnet", "rednet", "cifar", "spd")
@@ -135,8 +136,9 @@ class ResNetLike(StagedNet):
     - ``act_layer``/``norm_layer``: for the stem and for blocks whose constructor takes them.
 
     The plain conv of every conv + norm + act unit gets He fan-out initialisation
-    (:func:`~blockzoo.models.base.init_conv_norm_act`). ``features_only``, ``stage_channels``,
-    ``feature_strides``: see :class:`~blockzoo.models.base.StagedNet`.
+    (:func:`~blockzoo.models.base.init_conv_norm_act`). ``features_only``, ``out_indices``,
+    ``global_pool``, ``stage_channels``, ``feature_strides`` and timm's model API: see
+    :class:`~blockzoo.models.base.StagedNet`.
     """
 
     def __init__(
@@ -162,6 +164,8 @@ class ResNetLike(StagedNet):
         num_classes: int = 1000,
         in_chans: int = 3,
         features_only: bool = False,
+        out_indices: Sequence[int] | None = None,
+        global_pool: str = "avg",
     ) -> None:
         owner = type(self).__name__
         n = len(tuple(layers))
@@ -208,6 +212,7 @@ class ResNetLike(StagedNet):
         super().__init__(
             stem_module, stages, stem_stride=stem_stride, stage_strides=strides,
             in_chans=in_chans, num_classes=num_classes, features_only=features_only,
+            out_indices=out_indices, global_pool=global_pool,
             drop_rate=drop_rate,
         )
         init_conv_norm_act(self)
@@ -216,6 +221,8 @@ class ResNetLike(StagedNet):
 # --------------------------------------------------------------------------- configurations
 
 _RESNET = dict(paper="Deep Residual Learning for Image Recognition", arxiv="1512.03385")
+_TV_PAGE = "https://pytorch.org/vision/stable/models/generated/torchvision.models.{}.html"
+_TV_LICENSE = "BSD-3-Clause (torchvision)"
 _DEPTHS = {26: (1, 2, 4, 1), 38: (2, 3, 5, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3),
            152: (3, 8, 36, 3)}
 _RESNET_RECIPE = (
@@ -232,6 +239,24 @@ register_model(
         "parameters, exactly torchvision's resnet50, 4.1 GMACs (the paper's v1 strides the first "
         "1x1 conv: 3.8 GMACs). The paper's top-1 (77.15) is 10-crop testing (Table 3); "
         "torchvision's v1.5 weights give 76.13 single-crop.",
+        weights=(
+            ReleasedWeights(
+                tag="tv_in1k", page=_TV_PAGE.format("resnet50"),
+                url="https://download.pytorch.org/models/resnet50-0676ba61.pth",
+                sha256="0676ba61", top1=76.13, license=_TV_LICENSE,
+                layout="torchvision_resnet",
+                notes="torchvision ResNet50_Weights.IMAGENET1K_V1; evaluated with resize 256, "
+                "centre crop 224, bilinear.",
+            ),
+            ReleasedWeights(
+                tag="tv2_in1k", page=_TV_PAGE.format("resnet50"),
+                url="https://download.pytorch.org/models/resnet50-11ad3fa6.pth",
+                sha256="11ad3fa6", top1=80.858, license=_TV_LICENSE,
+                layout="torchvision_resnet",
+                notes="torchvision ResNet50_Weights.IMAGENET1K_V2 (its newer training recipe); "
+                "evaluated with resize 232, centre crop 224, bilinear.",
+            ),
+        ),
     ),
 )
 
@@ -275,7 +300,11 @@ register_model(
         "every bottleneck's 3x3 conv replaced by ACmix(width, width, k_att=7, head=4, "
         "k_conv=3, stride), followed by BN + ReLU; 7x7 conv stem and projection shortcuts "
         "unchanged. The paper's 18.6M is for its SASA-style table entry; this layout measures "
-        "less (see docs/models.md).",
+        "less (see docs/models.md). No ResNet checkpoint is released: the authors' README "
+        "lists its ResNet-family (SAN) models as 'In process' and releases ACmix Swin-T/S only; "
+        "a state_dict of the reference code (e.g. trained with its main.py) loads "
+        "(layout 'acmix_resnet').",
+        layouts=("acmix_resnet",),
     ),
     conv="acmix",
 )
@@ -307,6 +336,14 @@ _REDNET_FIGURES = {  # depth: (params M, GMACs, top-1) from the RedNet paper's T
     26: (9.23, 1.73, 75.96), 38: (12.39, 2.22, 77.48), 50: (15.54, 2.71, 78.35),
     101: (25.65, 4.74, 78.92), 152: (33.99, 6.79, 79.12),
 }
+#: The checkpoints of the involution README's model zoo (OneDrive shares of the first author).
+_REDNET_SHARES = {
+    26: "EWmTnvB1cqtIi-OI4HfxGBgBKzO0w_qc3CnErHhNfBitlg?e=XPws5X",
+    38: "ETZIquU7P3lDvru0OAPiTYIBAt-B__2LpP_NeB4sR0hJsg?e=b9Rbl0",
+    50: "EZjRG3qUMu5IuR7YH4Giyc8B6koPvu6s8rOlIG8-BuFevg?e=f4ce5G",
+    101: "EXAuVXdXz1xAg5eG-dkvwTUBkds2IOK1kglHtkMeGz5z_A?e=vHvh5y",
+    152: "ERxcS4wXUCtPl4uUnPoT9vcByzhLA0eHgDE-fw_EESfP0w?e=x0dZWB",
+}
 for _depth, (_params, _gmacs, _top1) in _REDNET_FIGURES.items():
     register_model(
         f"rednet{_depth}", ResNetLike,
@@ -318,6 +355,13 @@ for _depth, (_params, _gmacs, _top1) in _REDNET_FIGURES.items():
             "(K=7, 16 channels per group, reduction 4) + BN + ReLU; stem conv3x3 s2 (32) -> "
             "involution(32, K=3) -> BN -> ReLU -> conv3x3 (64) -> maxpool; stride on the "
             "involution; projection shortcuts 1x1 conv + BN.",
+            weights=(ReleasedWeights(
+                tag="mmcls_in1k", page="https://github.com/d-li14/involution#model-zoo",
+                url=None, sha256=None, top1=_top1, license="MIT", layout="mmcls_rednet",
+                notes="mmcls checkpoint (state_dict under 'state_dict', keys 'backbone.*' and "
+                "'head.fc.*'), shared on OneDrive: https://hkustconnect-my.sharepoint.com/:u:/g/"
+                f"personal/dlibh_connect_ust_hk/{_REDNET_SHARES[_depth]} (a browser download).",
+            ),),
         ),
         layers=_DEPTHS[_depth], stem="rednet", conv="involution",
         conv_kwargs={"kernel_size": 7, "group_channels": 16, "reduction": 4},
@@ -353,14 +397,21 @@ _SK_NOTES = (
     "ReLU -> 1x1 conv to 2C without bias -> softmax over the branches) -> 1x1 conv + BN; "
     "projection shortcut 1x1 conv (stride) + BN; 7x7 stem + max pool."
 )
-for _name, _layers, _params, _gmacs, _top1 in (
-    ("sknet50", (3, 4, 6, 3), 27.5, 4.47, 79.21),
-    ("sknet101", (3, 4, 23, 3), 48.9, 8.46, 79.81),
+for _name, _layers, _params, _gmacs, _top1, _drive in (
+    ("sknet50", (3, 4, 6, 3), 27.5, 4.47, 79.21, "1EKanqFkqoU3L6vgSLW3GjPciesZ2rrUH"),
+    ("sknet101", (3, 4, 23, 3), 48.9, 8.46, 79.81, "1NEYIYeSXQeinLGU5GH2hf8T6MJytzt0U"),
 ):
     register_model(
         _name, ResNetLike,
         default_cfg(**_SK, paper_params_m=_params, paper_gmacs=_gmacs, paper_top1=_top1,
-                    training=_SK_TRAINING, notes=_SK_NOTES),
+                    training=_SK_TRAINING, notes=_SK_NOTES, weights=(ReleasedWeights(
+                        tag="caffe_in1k", page="https://github.com/implus/SKNet#trained-models",
+                        url=None, sha256=None, top1=_top1,
+                        license="none stated (the repository has no license file)",
+                        layout="caffe", notes="A Caffe .caffemodel on Google Drive "
+                        f"(https://drive.google.com/file/d/{_drive}/view). blockzoo cannot read "
+                        "it: see docs/models.md (Released weights) for what reading it needs.",
+                    ),)),
         block="sk_unit", layers=_layers,
     )
 

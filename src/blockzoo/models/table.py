@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from ..core.counting import count_flops
 from ..core.formatting import format_rows, replace_between_markers
@@ -27,10 +28,17 @@ def _figure(value: float | None) -> str:
     return "" if value is None else f"{value:g}"
 
 
-def model_rows(names: list[str] | None = None) -> list[dict[str, Any]]:
-    """One row per model: measured parameters and FLOPs, and the paper's figures."""
+def model_rows(names: list[str] | None = None, progress: bool = True) -> list[dict[str, Any]]:
+    """One row per model: measured parameters and FLOPs, and the paper's figures.
+
+    Building and counting every model takes minutes: ``progress`` (default) draws a progress
+    bar (model name, count, elapsed and remaining time) on stderr.
+    """
     rows = []
-    for name in names or list_models():
+    names = names or list_models()
+    bar = tqdm(names, desc="models", unit="model", file=sys.stderr, disable=not progress)
+    for name in bar:
+        bar.set_postfix_str(name)
         cfg = model_info(name).default_cfg
         model = create_model(name, num_classes=cfg["num_classes"]).eval()
         params = sum(p.numel() for p in model.parameters())

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..blocks.base import Block, ExplainKey
 from ..registry import block_info, create_block
 
 FEATURE_CHANNELS = 64
@@ -84,9 +85,9 @@ def _positions(h: int, w: int) -> list[tuple[int, int]]:
 
 def _local_windows(key: str, value: np.ndarray) -> np.ndarray | None:
     """``(G, K, K, H, W)`` local kernels/windows from an ``explain`` entry, else None."""
-    if key == "kernels" and value.ndim == 5:
+    if key == ExplainKey.KERNELS and value.ndim == 5:
         return value
-    if key == "attention" and value.ndim == 4:
+    if key == ExplainKey.ATTENTION and value.ndim == 4:
         k = int(round(value.shape[1] ** 0.5))
         return value.reshape(value.shape[0], k, k, *value.shape[2:])
     return None
@@ -96,14 +97,14 @@ def _drawable(key: str, value: np.ndarray) -> bool:
     return (
         (key in _HEATMAPS and value.ndim == 2)
         or (key in _BARS and value.ndim == 1)
-        or (key == "branch_weights" and value.ndim == 2)
-        or (key == "sampling_points" and value.ndim == 4)
+        or (key == ExplainKey.BRANCH_WEIGHTS and value.ndim == 2)
+        or (key == ExplainKey.SAMPLING_POINTS and value.ndim == 4)
         or _local_windows(key, value) is not None
     )
 
 
-_HEATMAPS = ("context_mask", "attention_map")
-_BARS = {"channel_gate": "channel", "routing_weights": "expert"}
+_HEATMAPS = (ExplainKey.CONTEXT_MASK, ExplainKey.ATTENTION_MAP)
+_BARS = {ExplainKey.CHANNEL_GATE: "channel", ExplainKey.ROUTING_WEIGHTS: "expert"}
 
 
 def _draw(ax, fig, key: str, value: np.ndarray, image: np.ndarray, feature_hw: tuple) -> None:
@@ -119,7 +120,7 @@ def _draw(ax, fig, key: str, value: np.ndarray, image: np.ndarray, feature_hw: t
         ax.bar(np.arange(len(value)), value, color="tab:blue", label=key)
         ax.set_xlabel(_BARS[key])
         ax.legend(loc="upper right")
-    elif key == "branch_weights":
+    elif key == ExplainKey.BRANCH_WEIGHTS:
         shown = value[:, :32]
         width = 0.8 / len(shown)
         for m, row in enumerate(shown):
@@ -160,7 +161,7 @@ def visualize(
 
     info = block_info(name)
     block = create_block(name, FEATURE_CHANNELS).eval()
-    if not callable(getattr(block, "explain", None)):
+    if type(block).explain is Block.explain:
         raise ValueError(f"block {name!r} has no explain() hook to draw; blocks with one: "
                          f"{', '.join(_drawable_names())}")
     picture = load_image(image, size)
@@ -176,7 +177,7 @@ def visualize(
     panels = len(explained)
     fig, axes = plt.subplots(1, panels + 1, figsize=(5 * (panels + 1), 5), dpi=100)
     axes[0].imshow(picture)
-    if any(k == "sampling_points" or _local_windows(k, v) is not None
+    if any(k == ExplainKey.SAMPLING_POINTS or _local_windows(k, v) is not None
            for k, v in explained.items()):
         scale = size / out_hw[-1]
         for i, (y, x) in enumerate(_positions(*out_hw)):
@@ -199,4 +200,4 @@ def visualize(
 def _drawable_names() -> list[str]:
     from ..registry import list_blocks
 
-    return [n for n in list_blocks() if callable(getattr(block_info(n).cls, "explain", None))]
+    return [n for n in list_blocks() if block_info(n).cls.explain is not Block.explain]

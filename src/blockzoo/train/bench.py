@@ -29,8 +29,11 @@ import torch
 from ..core.counting import count_flops
 from ..core.formatting import format_rows
 from ..registry import block_info
+from .config import TrainConfig
 from .distributed import launched_by_torchrun
-from .engine import CHECKPOINT, METRICS, TrainConfig, read_metrics, train
+from .engine import train
+from .metrics import read_metrics
+from .run import CHECKPOINT, METRICS, PREVIOUS
 
 #: ``--blocks`` name of the plain 3x3 convolution (the model's default, ``conv=None``).
 PLAIN_CONV = "conv"
@@ -207,7 +210,8 @@ def bench_accuracy(blocks: Sequence[str], attentions: Sequence[str], seeds: Sequ
         config = dataclasses.replace(
             base, conv=None if block == PLAIN_CONV else block,
             attention=None if attention == NO_ATTENTION else attention, seed=seed,
-            out=str(run_dir), resume=(run_dir / CHECKPOINT).is_file(),
+            out=str(run_dir),
+            resume=any((run_dir / name).is_file() for name in (CHECKPOINT, PREVIOUS)),
         )
         row = _run_row(block, attention, seed, config)
         with open(results_path, "a", newline="") as f:

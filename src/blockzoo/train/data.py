@@ -3,6 +3,12 @@
 Every dataset yields ``(image, label)`` with ``image`` a ``uint8`` tensor ``(3, H, W)``; the
 training loop moves the batch to the device, converts it to float and normalises it there with
 the dataset's ``mean`` and ``std`` (a quarter of the bytes of float images cross to the GPU).
+Each bundle states its :class:`~blockzoo.train.run.Preprocessing` (size, resize and crop,
+mean/std): what a trained model expects at prediction time.
+
+ImageFolder images are checked before training (:func:`find_bad_images`: empty, unreadable or
+truncated files), so that a damaged file is reported with its path rather than failing a worker
+mid-epoch or disappearing unseen into a dropped last batch.
 
 Training augmentation (random crop from a zero-padded image, random horizontal flip) draws its
 randomness from a generator seeded by ``(seed, epoch, sample index)``, never from a global RNG:
@@ -20,14 +26,17 @@ machine (NumPy's PCG64 generator).
 from __future__ import annotations
 
 import math
+import os
 import random
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
+
+from .run import Preprocessing
 
 DATASETS = ("synthetic", "cifar10", "cifar100", "imagefolder")
 
@@ -50,10 +59,39 @@ class DataBundle:
     name: str
     train: Dataset
     val: Dataset
-    num_classes: int
-    image_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    #: Class names in label order.
+    classes: tuple[str, ...]
+    preprocessing: Preprocessing
+    #: ``(path, reason)`` of the unreadable images left out (``skip_bad_images``).
+    dropped: tuple[tuple[str, str], ...] = field(default=())
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def image_size(self) -> int:
+        return self.preprocessing.crop
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return self.preprocessing.mean
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return self.preprocessing.std
+
+
+def default_workers(name: str) -> int:
+    """Data-loader workers by default: 0 for in-memory data, else 4 but never more than the
+    CPU cores this process may use."""
+    if name != "imagefolder":
+        return 0
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(4, cores))
 
 
 class ImageTensorDataset(Dataset):
@@ -208,7 +246,7 @@ def _missing(what: str, path: Path, download: bool, reason: str = "") -> FileNot
     )
 
 
-def _cifar(name: str, root: Path, download: bool) -> tuple[Dataset, Dataset, int]:
+def _cifar(name: str, root: Path, download: bool) -> tuple[Dataset, Dataset, tuple[str, ...]]:
     from torchvision import datasets
 
     cls, folder, classes, title = {
@@ -226,49 +264,118 @@ def _cifar(name: str, root: Path, download: bool) -> tuple[Dataset, Dataset, int
             raise _missing(title, path, download, str(err)) from err
         images = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))
         splits.append(ImageTensorDataset(images, torch.as_tensor(ds.targets)))
-    return splits[0], splits[1], classes
+    names = tuple(getattr(ds, "classes", None) or (str(i) for i in range(classes)))
+    return splits[0], splits[1], names
+
+
+def image_problem(path: str | Path) -> str | None:
+    """Why ``path`` is not a usable image (``"empty file"``, ``"truncated: ..."``, ...), or None.
+
+    A fast check: the header (format, size) and, for JPEG and PNG, the end marker that a
+    truncated file lacks; other formats are verified by PIL.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            return "empty file"
+        with Image.open(path) as image:
+            fmt = image.format
+            if image.width < 1 or image.height < 1:
+                return "image of size 0"
+            if fmt not in ("JPEG", "PNG"):
+                image.verify()
+        with open(path, "rb") as f:
+            f.seek(max(0, size - 1024))
+            tail = f.read()
+    except UnidentifiedImageError:
+        return "not a readable image"
+    except (OSError, SyntaxError, ValueError) as err:
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        return f"{'truncated' if 'truncat' in detail.lower() else 'unreadable'}: {detail}"
+    if fmt == "JPEG" and b"\xff\xd9" not in tail:
+        return "truncated: no JPEG end marker"
+    if fmt == "PNG" and b"IEND" not in tail:
+        return "truncated: no PNG end chunk"
+    return None
+
+
+def find_bad_images(paths: Iterable[str | Path]) -> list[tuple[str, str]]:
+    """``(path, reason)`` for every path :func:`image_problem` rejects."""
+    return [(str(p), why) for p in paths if (why := image_problem(p)) is not None]
+
+
+def describe_bad_images(bad: list[tuple[str, str]], limit: int = 3) -> str:
+    """``"a.jpg (empty file), b.png (truncated ...) and 4 more"``."""
+    shown = ", ".join(f"{p} ({why})" for p, why in bad[:limit])
+    return shown + (f" and {len(bad) - limit} more" if len(bad) > limit else "")
 
 
 class _ResizedImageFolder(Dataset):
-    """An ImageFolder whose images are resized (shorter side) and centre-cropped to ``size``."""
+    """An ImageFolder whose images are resized (shorter side) and centre-cropped (uint8)."""
 
-    def __init__(self, path: Path, size: int, classes: list[str] | None = None) -> None:
-        from torchvision import datasets, transforms
+    def __init__(self, path: Path, preprocessing: Preprocessing,
+                 classes: list[str] | None = None) -> None:
+        from torchvision import datasets
 
-        self.transform: Callable = transforms.Compose([
-            transforms.Resize(size), transforms.CenterCrop(size), transforms.PILToTensor(),
-        ])
+        self.preprocessing = preprocessing
         self.folder = datasets.ImageFolder(str(path))
         if classes is not None and self.folder.classes != classes:
             raise ValueError(f"the class folders of {path} ({self.folder.classes}) differ from "
                              f"the training set's ({classes})")
 
+    def drop(self, paths: set[str]) -> None:
+        """Leave out the images at ``paths``."""
+        self.folder.samples = [s for s in self.folder.samples if s[0] not in paths]
+        self.folder.imgs = self.folder.samples
+        self.folder.targets = [label for _, label in self.folder.samples]
+
     def __len__(self) -> int:
         return len(self.folder)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image, label = self.folder[index]
-        return self.transform(image.convert("RGB")), label
+        path, label = self.folder.samples[index]
+        return self.preprocessing.resize_crop(self.folder.loader(path)), label
 
 
-def _imagefolder(root: Path, size: int) -> tuple[Dataset, Dataset, int]:
+def _imagefolder(root: Path, preprocessing: Preprocessing, skip_bad_images: bool
+                 ) -> tuple[Dataset, Dataset, tuple[str, ...], tuple[tuple[str, str], ...]]:
     for split in ("train", "val"):
         if not (root / split).is_dir():
             raise FileNotFoundError(
                 f"ImageFolder data not found at {root / split}: --data-root must hold train/ and "
                 f"val/, each with one sub-folder of images per class"
             )
-    train = _ResizedImageFolder(root / "train", size)
-    val = _ResizedImageFolder(root / "val", size, train.folder.classes)
-    return train, val, len(train.folder.classes)
+    train = _ResizedImageFolder(root / "train", preprocessing)
+    val = _ResizedImageFolder(root / "val", preprocessing, train.folder.classes)
+    bad = find_bad_images(p for split in (train, val) for p, _ in split.folder.samples)
+    if bad and not skip_bad_images:
+        raise ValueError(f"{len(bad)} unreadable image(s) in {root}: {describe_bad_images(bad)}. "
+                         f"Replace or remove them, or pass --skip-bad-images to leave them out")
+    for split in (train, val):
+        split.drop({p for p, _ in bad})
+        if not len(split):
+            raise ValueError(f"no readable image left in {split.folder.root}")
+    return train, val, tuple(train.folder.classes), tuple(bad)
 
 
 def _first(ds: Dataset, n: int | None) -> Dataset:
+    if n is not None and n < 1:
+        raise ValueError(f"a dataset size limit must be positive, got {n}")
     if n is None or n >= len(ds):
         return ds
-    if n < 1:
-        raise ValueError(f"a dataset size limit must be positive, got {n}")
     return Subset(ds, range(n))
+
+
+def _or_default(value: int | None, default: int, what: str) -> int:
+    """``value`` unless None (0 and negatives are errors, never "unset")."""
+    if value is None:
+        return default
+    if value < 1:
+        raise ValueError(f"{what} must be >= 1, got {value}")
+    return value
 
 
 def build_data(
@@ -280,6 +387,7 @@ def build_data(
     train_size: int | None = None,
     val_size: int | None = None,
     seed: int = 0,
+    skip_bad_images: bool = False,
 ) -> DataBundle:
     """Load (or generate) dataset ``name`` (one of :data:`DATASETS`).
 
@@ -290,25 +398,29 @@ def build_data(
     32 by default for ``synthetic`` and 224 for ``imagefolder``. ``train_size``/``val_size`` set
     the number of generated images for ``synthetic`` (default 5000/1000) and keep only the
     first images of the other datasets. ``seed`` is the synthetic data's generation seed.
+    An ImageFolder with unreadable images is a ``ValueError`` naming them, unless
+    ``skip_bad_images`` (then they are left out and listed in ``DataBundle.dropped``).
     """
     root = Path(root).expanduser()
     if name == "synthetic":
-        size = image_size or 32
+        size = _or_default(image_size, 32, "image_size")
         # Training and validation images are generated from different seeds: disjoint draws.
-        return DataBundle(name, make_synthetic(train_size or 5000, size, seed),
-                          make_synthetic(val_size or 1000, size, seed + 1_000_003),
-                          len(SYNTHETIC_CLASSES), size, *SYNTHETIC_STATS)
+        return DataBundle(
+            name, make_synthetic(_or_default(train_size, 5000, "train_size"), size, seed),
+            make_synthetic(_or_default(val_size, 1000, "val_size"), size, seed + 1_000_003),
+            SYNTHETIC_CLASSES, Preprocessing(size, size, *SYNTHETIC_STATS))
     if name in ("cifar10", "cifar100"):
         if image_size not in (None, 32):
             raise ValueError(f"{name} images are 32x32; --image-size {image_size} is not "
                              f"supported for it")
         train, val, classes = _cifar(name, root, download)
         stats = CIFAR10_STATS if name == "cifar10" else CIFAR100_STATS
-        return DataBundle(name, _first(train, train_size), _first(val, val_size), classes, 32,
-                          *stats)
+        return DataBundle(name, _first(train, train_size), _first(val, val_size), classes,
+                          Preprocessing(32, 32, *stats))
     if name == "imagefolder":
-        size = image_size or 224
-        train, val, classes = _imagefolder(root, size)
-        return DataBundle(name, _first(train, train_size), _first(val, val_size), classes, size,
-                          *IMAGENET_STATS)
+        size = _or_default(image_size, 224, "image_size")
+        preprocessing = Preprocessing(size, size, *IMAGENET_STATS)
+        train, val, classes, dropped = _imagefolder(root, preprocessing, skip_bad_images)
+        return DataBundle(name, _first(train, train_size), _first(val, val_size), classes,
+                          preprocessing, dropped)
     raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
