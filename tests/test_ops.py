@@ -304,6 +304,20 @@ def test_deform_non_finite_input_or_mask_propagates_without_crashing(fast, where
 
 
 @needs_numba
+@pytest.mark.parametrize("cls", [bz.DeformConv2d, bz.ModulatedDeformConv2d])
+def test_deform_flop_count_is_the_same_on_the_compiled_operator(cls) -> None:
+    """The matrix product inside the custom op is invisible to FlopCounterMode: declared."""
+    from blockzoo.core import count_flops
+
+    fast, pure = cls(16, 32, stride=2).eval(), cls(16, 32, stride=2, impl="torch").eval()
+    pure.load_state_dict(fast.state_dict())
+    x = torch.randn(2, 16, 9, 7)
+    with torch.no_grad(), ops.fast_ops(True):
+        assert implementation(fast.impl, x) == "fast"
+        assert count_flops(fast, x) == count_flops(pure, x)
+
+
+@needs_numba
 def test_deform_block_compiles_to_one_op_and_matches_eager() -> None:
     block = bz.ModulatedDeformConv2d(4, 6, 2)
     torch.nn.init.normal_(block.offset_conv.weight, std=0.5)

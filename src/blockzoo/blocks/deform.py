@@ -289,15 +289,17 @@ class _DeformConvBase(Block):
 
         Bilinear sampling costs 4 multiply-adds per sampled value (plus 1 for the v2 mask):
         ``N * C_in * k * k * Ho * Wo`` values. With torchvision's op the convolution itself is
-        invisible too: ``N * C_out * Ho * Wo * C_in / groups * k * k`` multiply-adds (the
-        pure-PyTorch path does it with a matmul, which the counter sees).
+        invisible too, and so it is inside blockzoo's compiled operator (one custom op):
+        ``N * C_out * Ho * Wo * C_in / groups * k * k`` multiply-adds (the pure-PyTorch path does
+        it with a matmul, which the counter sees).
         """
         n, c, h, w = x.shape
         outputs = n * (-(-h // self.stride)) * (-(-w // self.stride))
         taps = self.kernel_size**2
         sampling = (5 if self.modulated else 4) * outputs * c * taps
         conv = outputs * self.out_channels * (c // self.groups) * taps
-        return 2 * (sampling + (conv if uses_torchvision(self.impl, x) else 0))
+        opaque = implementation(self.impl, x) != "torch"
+        return 2 * (sampling + (conv if opaque else 0))
 
     def extra_repr(self) -> str:
         return (
