@@ -59,6 +59,14 @@ def reflect_pad2d(x: torch.Tensor, pad: int) -> torch.Tensor:
     return x.index_select(-1, reflect_indices(w, pad, x.device))
 
 
+def _fast_reflect_pad(x: torch.Tensor, pad: int) -> torch.Tensor:
+    """:func:`reflect_pad2d` through ``F.pad(mode="reflect")`` where that is defined (``pad``
+    smaller than both sides; the same values, several times faster than two index_selects)."""
+    if 0 < pad < min(x.shape[-2:]):
+        return F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    return reflect_pad2d(x, pad)
+
+
 def position_grid(h: int, w: int, like: torch.Tensor) -> torch.Tensor:
     """``(1, 2, h, w)`` coordinates in ``[-1, 1]``: channel 0 the column, channel 1 the row.
 
@@ -134,7 +142,7 @@ def local_window_attention(
     """
     pad = dilation * (kernel_size - 1) // 2
     if use_fast_path(q, k, v, pe):
-        keys, values = reflect_pad2d(k - pe, pad), reflect_pad2d(v, pad)
+        keys, values = _fast_reflect_pad(k - pe, pad), _fast_reflect_pad(v, pad)
         q = q[..., ::stride, ::stride]
         return window_attention(q, keys, values, kernel_size, dilation, stride)[0]
     h, w = v.shape[-2:]

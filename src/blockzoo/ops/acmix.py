@@ -31,8 +31,7 @@ def _forward(q, keys, values, size, dilation, stride, out, att):  # pragma: no c
     taps = size * size
     for job in prange(n * ho):
         b, i = job // ho, job % ho
-        scores = att[b, :, i, :]
-        scores[:] = 0
+        scores = np.zeros((taps, wo), dtype=q.dtype)  # contiguous rows: vectorised loops
         for t in range(taps):
             row = i * stride + (t // size) * dilation
             col = (t % size) * dilation
@@ -46,17 +45,18 @@ def _forward(q, keys, values, size, dilation, stride, out, att):  # pragma: no c
                 else:
                     for j in range(wo):
                         srow[j] += qrow[j] * krow[j * stride + col]
-        for j in range(wo):
-            top = scores[0, j]
-            for t in range(1, taps):
-                top = max(top, scores[t, j])
-            total = 0.0
-            for t in range(taps):
-                e = np.exp(scores[t, j] - top)
-                scores[t, j] = e
-                total += e
-            for t in range(taps):
-                scores[t, j] /= total
+        top = scores[0].copy()
+        for t in range(1, taps):
+            for j in range(wo):
+                top[j] = max(top[j], scores[t, j])
+        total = np.zeros(wo, dtype=q.dtype)
+        for t in range(taps):
+            for j in range(wo):
+                scores[t, j] = np.exp(scores[t, j] - top[j])
+                total[j] += scores[t, j]
+        for t in range(taps):
+            for j in range(wo):
+                scores[t, j] /= total[j]
         for c in range(d):
             orow = out[b, c, i]
             orow[:] = 0
@@ -70,6 +70,8 @@ def _forward(q, keys, values, size, dilation, stride, out, att):  # pragma: no c
                 else:
                     for j in range(wo):
                         orow[j] += arow[j] * vrow[j * stride + col]
+        for t in range(taps):
+            att[b, t, i, :] = scores[t]
 
 
 @kernel()
@@ -79,8 +81,10 @@ def _backward_rows(grad, q, keys, values, att, size, dilation, stride,
     taps = size * size
     for job in prange(n * ho):
         b, i = job // ho, job % ho
-        gs = grad_scores[b, :, i, :]
-        gs[:] = 0
+        gs = np.zeros((taps, wo), dtype=q.dtype)
+        a = np.empty((taps, wo), dtype=q.dtype)
+        for t in range(taps):
+            a[t] = att[b, t, i, :]
         for t in range(taps):
             vrow_index = i * stride + (t // size) * dilation
             col = (t % size) * dilation
@@ -88,14 +92,20 @@ def _backward_rows(grad, q, keys, values, att, size, dilation, stride,
             for c in range(d):
                 gorow = grad[b, c, i]
                 vrow = values[b, c, vrow_index]
-                for j in range(wo):
-                    grow[j] += gorow[j] * vrow[j * stride + col]
-        for j in range(wo):
-            dot = 0.0
-            for t in range(taps):
-                dot += att[b, t, i, j] * gs[t, j]
-            for t in range(taps):
-                gs[t, j] = att[b, t, i, j] * (gs[t, j] - dot)
+                if stride == 1:
+                    for j in range(wo):
+                        grow[j] += gorow[j] * vrow[j + col]
+                else:
+                    for j in range(wo):
+                        grow[j] += gorow[j] * vrow[j * stride + col]
+        dot = np.zeros(wo, dtype=q.dtype)
+        for t in range(taps):
+            for j in range(wo):
+                dot[j] += a[t, j] * gs[t, j]
+        for t in range(taps):
+            for j in range(wo):
+                gs[t, j] = a[t, j] * (gs[t, j] - dot[j])
+            grad_scores[b, t, i, :] = gs[t]
         for c in range(d):
             gq = grad_q[b, c, i]
             gq[:] = 0
@@ -103,8 +113,12 @@ def _backward_rows(grad, q, keys, values, att, size, dilation, stride,
                 krow = keys[b, c, i * stride + (t // size) * dilation]
                 col = (t % size) * dilation
                 srow = gs[t]
-                for j in range(wo):
-                    gq[j] += srow[j] * krow[j * stride + col]
+                if stride == 1:
+                    for j in range(wo):
+                        gq[j] += srow[j] * krow[j + col]
+                else:
+                    for j in range(wo):
+                        gq[j] += srow[j] * krow[j * stride + col]
 
 
 @kernel()
