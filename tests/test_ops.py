@@ -466,6 +466,24 @@ def test_environment_variable_disables_the_fast_path() -> None:
     assert result.stdout.startswith("False") and ops.ENV_DISABLE in result.stdout
 
 
+def test_without_numba_the_blocks_run_their_pytorch_forms() -> None:
+    code = (
+        "import sys; sys.modules['numba'] = None\n"  # as if the extra were not installed
+        "import torch, blockzoo as bz\n"
+        "from blockzoo import ops\n"
+        "assert not ops.fast_ops_available() and not ops.use_fast_path(torch.ones(1))\n"
+        "for name in ('involution', 'acmix', 'deform_conv', 'mdeform_conv'):\n"
+        "    x = torch.randn(2, 16, 9, 7, requires_grad=True)\n"
+        "    bz.create_block(name, 16)(x).sum().backward()\n"
+        "    assert x.grad.isfinite().all()\n"
+        "print(ops.path_description())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "install blockzoo[fast]" in result.stdout
+
+
 @needs_numba
 def test_kernels_keep_torch_thread_count() -> None:
     """Numba's OpenMP pool sets the shared OpenMP thread count when it starts; torch's is kept."""
