@@ -11,6 +11,9 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+# Ultralytics, once imported, checks the network and pip-installs optional packages (a HEIF
+# plugin when PIL meets a file it cannot identify); tests never touch the network.
+os.environ.setdefault("YOLO_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

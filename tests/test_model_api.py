@@ -145,6 +145,8 @@ def test_list_models_pattern_and_pretrained_filter() -> None:
     with_weights = list_models(pretrained=True)
     assert {"resnet50", "mobilenetv2", "mobilenetv2_ca", "rednet50"} <= set(with_weights)
     assert "resnet_cifar" not in with_weights and "acmix_resnet50" not in with_weights
+    assert "sknet50" not in with_weights  # released as a .caffemodel, which blockzoo cannot read
+    assert model_info("sknet50").default_cfg["weights"][0].layout == "caffe"
     assert all(model_info(n).default_cfg["weights"] for n in with_weights)
     assert list_models("rednet5*", pretrained=True) == ["rednet50"]
 

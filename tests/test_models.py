@@ -30,6 +30,7 @@ from blockzoo.blocks import (
     TemperatureSchedule,
 )
 from blockzoo.core import count_flops
+from blockzoo.core.formatting import format_rows
 from blockzoo.layers import make_divisible
 from blockzoo.models import (
     MobileNetV2,
@@ -40,7 +41,16 @@ from blockzoo.models import (
     register_model,
 )
 from blockzoo.models.registry import CFG_KEYS, default_cfg
-from blockzoo.models.table import END, START, model_rows, model_table, update_doc
+from blockzoo.models.table import (
+    END,
+    START,
+    WEIGHTS_END,
+    WEIGHTS_START,
+    model_rows,
+    model_table,
+    update_doc,
+    weights_rows,
+)
 
 ISSUE_MODELS = {
     "resnet50", "se_resnet50", "gc_resnet50", "acmix_resnet50", "spd_resnet50", "sknet50",
@@ -510,6 +520,8 @@ def test_models_doc_table_is_current() -> None:
     torch.manual_seed(0)
     table = model_table()
     assert f"{START}\n{table}\n{END}" in text, "docs/models.md is stale: run make readme"
+    weights = format_rows(weights_rows(), "markdown")
+    assert f"{WEIGHTS_START}\n{weights}\n{WEIGHTS_END}" in text, "run make readme"
 
 
 def test_model_table_rows_and_doc_update(tmp_path) -> None:
@@ -519,12 +531,20 @@ def test_model_table_rows_and_doc_update(tmp_path) -> None:
     assert gmacs == pytest.approx(0.30, rel=0.02)  # the paper's 300M multiply-adds
     assert gflops == pytest.approx(2 * gmacs, abs=2e-3)
     assert row["paper top-1"] == "72" and row["vs paper"] == "+0.14%"
+    assert row["released weights (source top-1, license)"] == (
+        "torchvision 71.878 (BSD-3-Clause (torchvision)); "
+        "torchvision 72.154 (BSD-3-Clause (torchvision))"
+    )
     doc = tmp_path / "models.md"
-    doc.write_text(f"intro\n{START}\nold\n{END}\nend\n")
+    doc.write_text(f"intro\n{START}\nold\n{END}\n{WEIGHTS_START}\nold\n{WEIGHTS_END}\nend\n")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("blockzoo.models.table.model_rows", lambda **_: [row])
         assert update_doc(doc)
-    assert "| mobilenetv2 | 3,504,872 |" in doc.read_text() and "old" not in doc.read_text()
+    text = doc.read_text()
+    assert "| mobilenetv2 | 3,504,872 |" in text and "old" not in text
+    assert "| resnet50 | tv_in1k | torchvision |" in text
+    assert "| rednet50 | mmcls_in1k | d-li14/involution |" in text
+    assert "| sknet50 | caffe_in1k | implus/SKNet |" in text and "| caffe | no |" in text
 
 
 def test_conv_norm_act_convs_get_he_init_but_blocks_keep_their_own() -> None:

@@ -13,6 +13,7 @@ from typing import NoReturn
 
 import torch
 
+from . import __version__
 from .core.formatting import format_rows
 from .core.interrupt import Interrupted, signal_name, signals_raise
 from .core.validation import cli_float, cli_int
@@ -251,6 +252,26 @@ def _cmd_viz(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from safetensors.torch import save_file
+
+    from .models import create_model
+    from .models.pretrained import convert_state_dict, read_state_dict
+
+    model = create_model(args.model, num_classes=args.num_classes, device="meta")
+    mapped = convert_state_dict(read_state_dict(args.src), model)
+    missing = [k for k in model.state_dict() if k not in mapped]
+    if missing:
+        raise ValueError(f"{args.src}: its classifier does not have {model.num_classes} classes "
+                         f"({missing[0]!r} is left unset); pass --num-classes N")
+    Path(args.dst).parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in mapped.items()}, args.dst,
+              metadata={"blockzoo_model": args.model, "num_classes": str(model.num_classes)})
+    print(f"wrote {args.dst}: {len(mapped)} tensors of blockzoo {args.model!r}; load it with "
+          f"blockzoo.create_model({args.model!r}, pretrained={args.dst!r})")
+    return 0
+
+
 def _add_size_options(p: argparse.ArgumentParser) -> None:
     positive = cli_int(1)  # 0 is refused here, so ``args.size or 56`` only fills in None
     p.add_argument("--in", dest="in_channels", type=positive, default=64, help="input channels")
@@ -309,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="blockzoo", description="Tested, paper-faithful CNN building blocks for PyTorch."
     )
+    parser.add_argument("--version", action="version", version=f"blockzoo {__version__}")
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of errors (may also follow the sub-command)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -372,6 +394,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=cli_int(1), default=224,
                    help="side the image is resized to")
     p.set_defaults(func=_cmd_viz)
+
+    p = sub.add_parser("convert", help="write an authors' checkpoint as a blockzoo state_dict",
+                       description="Map a checkpoint (the authors' key layout, or blockzoo's) "
+                       "onto a blockzoo model and write its state_dict as safetensors, which "
+                       "create_model(NAME, pretrained=DST) loads offline.")
+    p.add_argument("src", help="the checkpoint (.pth, .pt, .pth.tar or .safetensors)")
+    p.add_argument("dst", help="the safetensors file to write")
+    p.add_argument("--model", required=True, help="blockzoo model name (blockzoo.list_models())")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="classifier size of the checkpoint (default: the model's cfg)")
+    p.set_defaults(func=_cmd_convert)
     add_train_subcommands(sub)
     return parser
 

@@ -117,9 +117,18 @@ def unknown_name(what: str, name: str, known: Iterable[str], listing: str) -> Ke
 
 
 def _lookup(name: str) -> BlockInfo:
-    if name not in _REGISTRY:
-        raise unknown_name("block", name, _REGISTRY, "blockzoo.list_blocks()")
-    return _REGISTRY[name]
+    """A registered name, or a block class's name (``"SqueezeExcite"``) when exactly one
+    registration without a preset builds that class (as the Ultralytics YAML names resolve)."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    by_class = [info for info in _REGISTRY.values()
+                if info.cls.__name__ == name and not info.preset]
+    if len(by_class) == 1:
+        return by_class[0]
+    if by_class:
+        raise KeyError(f"block class {name!r} is registered as "
+                       f"{', '.join(repr(i.name) for i in by_class)}; use one of these names")
+    raise unknown_name("block", name, _REGISTRY, "blockzoo.list_blocks()")
 
 
 def list_blocks(kind: str | None = None) -> list[str]:
@@ -141,7 +150,8 @@ def create_block(
     stride: int | None = None,
     **kwargs: Any,
 ) -> nn.Module:
-    """Build the block registered as ``name``.
+    """Build the block registered as ``name`` (or by its class name, e.g. ``"SqueezeExcite"``,
+    when one registration without a preset builds that class).
 
     ``stride=None`` takes the block's default (1 for every block but ``spd_conv``, whose stride is
     its scale, 2). Extra keyword arguments go to the block's constructor.

@@ -71,6 +71,10 @@ class TemperatureAnnealing:
 #: and ``blockzoo train`` all read it.
 DY_CONV_TEMPERATURE = TemperatureAnnealing(start=30.0, end=1.0, epochs=10)
 STRATEGIES: tuple[str, ...] = ("auto", "aggregate", "mix")
+#: DY-Conv's attention width: the paper's ``max(C / reduction, K)`` or the reference code's
+#: ``int(C / reduction) + 1``.
+AttentionWidth = Literal["paper", "reference"]
+ATTENTION_WIDTHS: tuple[str, ...] = ("paper", "reference")
 
 #: ``strategy="auto"`` uses ``"mix"`` for batches of at least this many samples ...
 MIX_MIN_BATCH = 16
@@ -84,6 +88,25 @@ def _exporting() -> bool:
     return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
 
 
+def tf_same_pad(x: torch.Tensor, kernel_size: int, stride: int, dilation: int) -> torch.Tensor:
+    """``x`` zero-padded as TensorFlow's ``'SAME'`` convolution pads it.
+
+    Per spatial size ``n``: ``total = max((ceil(n / s) - 1) * s + d * (k - 1) + 1 - n, 0)``,
+    ``total // 2`` before and the rest after (asymmetric when ``total`` is odd, e.g. 0 before and
+    1 after for ``k = 3``, ``s = 2`` and an even ``n``). A convolution without padding then gives
+    ``ceil(n / s)``.
+    """
+    def amounts(n: int) -> tuple[int, int]:
+        total = max((-(-n // stride) - 1) * stride + dilation * (kernel_size - 1) + 1 - n, 0)
+        return total // 2, total - total // 2
+
+    top, bottom = amounts(x.shape[2])
+    left, right = amounts(x.shape[3])
+    if top == bottom == left == right == 0:
+        return x
+    return F.pad(x, (left, right, top, bottom))
+
+
 class ExpertConv2d(Block):
     """Base of :class:`DynamicConv2d` and :class:`CondConv2d`: expert kernels and the strategies.
 
@@ -94,7 +117,10 @@ class ExpertConv2d(Block):
     ``nn.Conv2d`` initialises its weight (``kaiming_uniform_(a=sqrt(5))``); biases start at zero.
     ``padding="same"`` is ``dilation * (k - 1) // 2`` (odd ``k`` only), which gives an output of
     ``ceil(H / stride)`` for every stride (unlike ``nn.Conv2d``'s ``"same"``, which allows stride
-    1 only); an integer padding is used as given. ``stride`` is 1 or 2.
+    1 only); ``padding="tf_same"`` is TensorFlow's ``'SAME'`` (:func:`tf_same_pad`: the same
+    output size, but the padding is computed from the input size and its odd pixel goes after,
+    so at stride 2 on an even size it is 0 before and 1 after), which TF-trained weights need;
+    an integer padding is used as given. ``stride`` is 1 or 2.
     """
 
     allowed_strides = (1, 2)
@@ -124,6 +150,9 @@ class ExpertConv2d(Block):
             f"groups ({groups}) must divide in_channels ({in_channels}) and out_channels "
             f"({self.out_channels})",
         )
+        self.tf_same = padding == "tf_same"
+        if self.tf_same:
+            padding = 0
         if padding == "same":
             self.require(
                 kernel_size % 2 == 1,
@@ -132,7 +161,7 @@ class ExpertConv2d(Block):
             padding = same_padding(kernel_size, dilation)
         self.require(
             isinstance(padding, int) and not isinstance(padding, bool) and padding >= 0,
-            f"padding must be 'same' or a non-negative integer, got {padding!r}",
+            f"padding must be 'same', 'tf_same' or a non-negative integer, got {padding!r}",
         )
         self.padding = padding
         self.require(strategy in STRATEGIES, f"strategy must be one of {STRATEGIES}, got "
@@ -167,6 +196,8 @@ class ExpertConv2d(Block):
 
     def output_size(self, h: int, w: int) -> tuple[int, int]:
         """The convolution's output size for an ``h x w`` input."""
+        if self.tf_same:
+            return -(-h // self.stride), -(-w // self.stride)
         span = self.dilation * (self.kernel_size - 1) + 1
         return (
             (h + 2 * self.padding - span) // self.stride + 1,
@@ -243,6 +274,8 @@ class ExpertConv2d(Block):
 
         A ``(1, K)`` routing is shared by every sample.
         """
+        if self.tf_same:
+            x = tf_same_pad(x, self.kernel_size, self.stride, self.dilation)
         if self.choose_strategy(x) == "mix":
             return self._mix(x, routing)
         return self._aggregate(x, routing)
@@ -262,7 +295,8 @@ class ExpertConv2d(Block):
 
     def extra_repr(self) -> str:
         return (
-            f"{super().extra_repr()}, kernel_size={self.kernel_size}, padding={self.padding}, "
+            f"{super().extra_repr()}, kernel_size={self.kernel_size}, "
+            f"padding={'tf_same' if self.tf_same else self.padding}, "
             f"dilation={self.dilation}, groups={self.groups}, bias={self.bias is not None}, "
             f"num_experts={self.num_experts}, strategy={self.strategy!r}"
         )
@@ -286,8 +320,16 @@ class DynamicConv2d(ExpertConv2d):
     Attention over ``K`` kernels (default 4): ``pi(x) = softmax(FC2(relu(FC1(mean_hw(x)))) / T)``
     with ``FC1: C_in -> max(C_in / reduction, K)`` (``reduction = 4``), ``FC2: -> K`` (both with
     bias). As in the paper's figure and text (pool, FC, ReLU, FC, softmax) the attention branch
-    has no BatchNorm, so it is defined for a batch of one. The kernel ``W(x) = sum_k pi_k W_k`` and
-    bias ``b(x) = sum_k pi_k b_k`` convolve each sample (see the module docstring for how).
+    has no BatchNorm, so it is defined for a batch of one.
+
+    The widely used PyTorch reference code (``Dynamic-convolution-Pytorch``, its
+    ``attention2d``) differs: ``FC1`` has no bias and width ``int(C_in * 0.25) + 1`` (``K`` for
+    a 3-channel input). ``attention_bias=False, attention_width="reference"`` reproduce it
+    (with ``reduction = 4``: ``int(C_in / reduction) + 1``), so its checkpoints' attention
+    tensors have the shapes they need; the defaults stay the paper's.
+
+    The kernel ``W(x) = sum_k pi_k W_k`` and bias ``b(x) = sum_k pi_k b_k`` convolve each sample
+    (see the module docstring for how).
 
     The temperature ``T`` is the plain attribute ``temperature`` (default
     ``DY_CONV_TEMPERATURE.start``, the paper's start value for training); anneal it with
@@ -312,6 +354,8 @@ class DynamicConv2d(ExpertConv2d):
         num_experts: int = 4,
         temperature: float = DY_CONV_TEMPERATURE.start,
         reduction: float = 4,
+        attention_bias: bool = True,
+        attention_width: AttentionWidth = "paper",
         strategy: Strategy = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -322,11 +366,17 @@ class DynamicConv2d(ExpertConv2d):
             bias=bias, strategy=strategy,
         )
         self.require(reduction > 0, f"reduction must be positive, got {reduction}")
+        self.require(attention_width in ATTENTION_WIDTHS, f"attention_width must be one of "
+                     f"{ATTENTION_WIDTHS}, got {attention_width!r}")
         self.require(_valid_temperature(temperature),
                      f"temperature must be a positive finite number, got {temperature!r}")
         self.temperature = float(temperature)
-        self.hidden_channels = max(int(in_channels / reduction), num_experts)
-        self.fc1 = nn.Linear(in_channels, self.hidden_channels)
+        if attention_width == "paper":
+            self.hidden_channels = max(int(in_channels / reduction), num_experts)
+        else:
+            self.hidden_channels = num_experts if in_channels == 3 else \
+                int(in_channels / reduction) + 1
+        self.fc1 = nn.Linear(in_channels, self.hidden_channels, bias=attention_bias)
         self.act = nn.ReLU()
         self.fc2 = nn.Linear(self.hidden_channels, num_experts)
         self.place(device, dtype)
@@ -388,6 +438,8 @@ class DynamicConvBnAct(Block):
         num_experts: int = 4,
         temperature: float = DY_CONV_TEMPERATURE.start,
         reduction: float = 4,
+        attention_bias: bool = True,
+        attention_width: AttentionWidth = "paper",
         strategy: Strategy = "auto",
         norm_layer: LayerSpec = "batchnorm",
         act_layer: LayerSpec = "relu",
@@ -398,7 +450,8 @@ class DynamicConvBnAct(Block):
         self.conv = DynamicConv2d(
             in_channels, self.out_channels, stride, kernel_size=kernel_size, dilation=dilation,
             groups=groups, bias=False, num_experts=num_experts, temperature=temperature,
-            reduction=reduction, strategy=strategy,
+            reduction=reduction, attention_bias=attention_bias, attention_width=attention_width,
+            strategy=strategy,
         )
         self.bn = create_norm(norm_layer, self.out_channels)
         self.act = create_act(act_layer)

@@ -104,6 +104,7 @@ class StagedNet(nn.Module):
       parameters keep their ``requires_grad``).
 
     Attributes: ``stage_channels`` and ``feature_strides`` (of the built stages),
+    ``stage_depths`` (blocks per stage of the whole network, built or not),
     ``num_features`` and ``head_hidden_size`` (the width the classifier sees), ``in_chans``,
     ``num_classes``, ``global_pool``, ``drop_rate``, ``features_only``, ``out_indices``.
     """
@@ -137,6 +138,7 @@ class StagedNet(nn.Module):
                  f"needs at least one stage and one stride per stage, got {len(stages)} stages "
                  f"and strides {tuple(stage_strides)}")
         self.out_indices = _resolve_out_indices(owner, out_indices, len(stages))
+        self.stage_depths = [len(stage) for stage in stages]
         if features_only:
             stages = stages[: self.out_indices[-1] + 1]
             stage_strides = stage_strides[: len(stages)]

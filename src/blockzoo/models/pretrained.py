@@ -112,32 +112,48 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def _check_sha256(path: Path, expected: str | None, source: str) -> None:
+def _sha256_mismatch(path: Path, expected: str | None) -> str | None:
+    """The file's SHA-256 when it does not start with ``expected`` (else ``None``)."""
     if expected is None:
-        return
+        return None
     actual = file_sha256(path)
-    if not actual.startswith(expected.lower()):
-        raise PretrainedError(
-            f"pretrained: {str(path)!r} (from {source}) has SHA-256 {actual}, expected "
-            f"{expected}...; delete it and download again"
-        )
+    return None if actual.startswith(expected.lower()) else actual
 
 
 def download(url: str, sha256: str | None = None, page: str | None = None) -> Path:
-    """``url`` in torch.hub's cache (downloaded once), checked against ``sha256``."""
+    """``url`` in torch.hub's cache (downloaded once), checked against ``sha256``.
+
+    A fresh download is checked before it enters the cache (a mismatch is deleted); a cached
+    file is checked again on every use.
+    """
     directory = Path(torch.hub.get_dir()) / "checkpoints"
     path = directory / os.path.basename(url.split("?")[0])
-    if not path.is_file():
-        directory.mkdir(parents=True, exist_ok=True)
-        try:
-            torch.hub.download_url_to_file(url, str(path), progress=False)
-        except (urllib.error.URLError, OSError) as err:
-            where = f" (page: {page})" if page else ""
+    if path.is_file():
+        actual = _sha256_mismatch(path, sha256)
+        if actual:
             raise PretrainedError(
-                f"pretrained: cannot download {url}{where}: {err}. Download the file yourself "
-                f"and pass pretrained=\"path/to/file\""
-            ) from err
-    _check_sha256(path, sha256, url)
+                f"pretrained: the cached {str(path)!r} has SHA-256 {actual}, expected "
+                f"{sha256}...; delete it to download {url} again"
+            )
+        return path
+    directory.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    try:
+        torch.hub.download_url_to_file(url, str(partial), progress=False)
+    except (urllib.error.URLError, OSError) as err:
+        where = f" (page: {page})" if page else ""
+        raise PretrainedError(
+            f"pretrained: cannot download {url}{where}: {err}. Download the file yourself "
+            f"and pass pretrained=\"path/to/file\""
+        ) from err
+    actual = _sha256_mismatch(partial, sha256)
+    if actual:
+        partial.unlink()
+        raise PretrainedError(
+            f"pretrained: {url} downloaded with SHA-256 {actual}, expected {sha256}...; the "
+            f"file was not kept"
+        )
+    partial.replace(path)
     return path
 
 
@@ -310,7 +326,8 @@ def _mobilenetv2_rename(
     ``features.<b>.conv.<j>.<rest>`` -> ``<block b>.<units[first][j]><rest>``, where block
     ``b`` (1-based) is the ``b``-th inverted residual of blockzoo's stages and ``units[0]``
     (expanding blocks) / ``units[1]`` (the first, ``t = 1`` block) name the ``j``-th entry."""
-    blocks = [f"stages.{s}.{i}" for s, stage in enumerate(model.stages) for i in range(len(stage))]
+    blocks = [f"stages.{s}.{i}" for s, depth in enumerate(model.stage_depths)
+              for i in range(depth)]
     pattern = re.compile(r"^features\.(\d+)\.conv\.(\d+)\.(.*)$")
     head = str(len(blocks) + 1)
     outer_rules = [(re.compile(p.replace("{head}", head)), r) for p, r in outer]

@@ -54,7 +54,7 @@ from torch import nn
 
 from ..blocks.dynamic import DY_CONV_TEMPERATURE, DynamicConv2d
 from ..registry import unknown_name
-from .pretrained import ReleasedWeights, load_pretrained
+from .pretrained import LAYOUTS, ReleasedWeights, load_pretrained
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -145,13 +145,15 @@ def list_models(pattern: str | None = None, pretrained: bool = False) -> list[st
     """Sorted names of the registered models.
 
     ``pattern``: an ``fnmatch`` pattern (``"rednet*"``); ``pretrained=True``: only the models
-    whose ``default_cfg["weights"]`` lists a checkpoint released by their authors.
+    whose ``default_cfg["weights"]`` lists a released checkpoint that blockzoo reads (its key
+    layout is in :data:`~blockzoo.models.pretrained.LAYOUTS`; SKNet's Caffe files are not).
     """
     names = sorted(_MODELS)
     if pattern is not None:
         names = fnmatch.filter(names, pattern)
     if pretrained:
-        names = [n for n in names if _MODELS[n].default_cfg["weights"]]
+        names = [n for n in names
+                 if any(w.layout in LAYOUTS for w in _MODELS[n].default_cfg["weights"])]
     return names
 
 

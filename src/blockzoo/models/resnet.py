@@ -23,6 +23,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..blocks.spd import SPDBottleneck
@@ -33,6 +35,27 @@ from .pretrained import ReleasedWeights
 from .registry import CIFAR_MEAN, CIFAR_STD, default_cfg, register_model
 
 STEMS = ("resnet", "rednet", "cifar", "spd")
+#: The max pool of the ``"resnet"`` stem: torchvision's (3x3, stride 2, padding 1, floor) or
+#: Caffe's (3x3, stride 2, no padding, ceil), as the SKNet authors' prototxt.
+STEM_POOLS = ("torchvision", "caffe")
+
+
+class CaffeMaxPool2d(nn.MaxPool2d):
+    """Caffe's ``pool: MAX, kernel_size: 3, stride: 2`` (no padding, ceil rounding):
+    ``ceil((H - 3) / 2) + 1`` outputs. Caffe's windows start at 0 where torchvision's padded
+    pool starts at -1, so the two select different pixels even where their sizes agree (at
+    224x224 both give 56x56). An input smaller than the kernel is padded with ``-inf`` at its
+    end to one full window, so tiny inputs still give a 1x1 output.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(3, 2, padding=0, ceil_mode=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        short_h, short_w = max(0, 3 - x.shape[2]), max(0, 3 - x.shape[3])
+        if short_h or short_w:
+            x = F.pad(x, (0, short_w, 0, short_h), value=float("-inf"))
+        return super().forward(x)
 
 
 def make_stem(
@@ -42,10 +65,13 @@ def make_stem(
     *,
     act_layer: LayerSpec = "relu",
     norm_layer: LayerSpec = "batchnorm",
+    pool: str = "torchvision",
 ) -> tuple[nn.Sequential, int]:
     """The stem ``kind`` from ``in_chans`` to ``width`` channels, and its stride.
 
-    - ``"resnet"``: 7x7 conv stride 2 + BN + ReLU, 3x3 max pool stride 2 (stride 4);
+    - ``"resnet"``: 7x7 conv stride 2 + BN + ReLU, 3x3 max pool stride 2 (stride 4); ``pool``
+      is torchvision's padded pool (``"torchvision"``) or Caffe's (``"caffe"``,
+      :class:`CaffeMaxPool2d`);
     - ``"rednet"``: RedNet's (official mmcls ``rednet.py``): 3x3 conv stride 2 to ``width / 2`` +
       BN + ReLU, involution (``width / 2`` channels, ``K = 3``, stride 1), BN, ReLU, 3x3 conv to
       ``width`` + BN + ReLU, 3x3 max pool stride 2 (stride 4);
@@ -58,10 +84,12 @@ def make_stem(
       space-to-depth keeps the ImageNet layout's stride 4 before the first stage.)
     """
     norm_act = dict(norm_layer=norm_layer, act_layer=act_layer)
+    if pool not in STEM_POOLS:
+        raise ValueError(f"ResNetLike: unknown stem_pool {pool!r}; choose one of {STEM_POOLS}")
     if kind == "resnet":
         layers = OrderedDict(
             conv=ConvNormAct(in_chans, width, 7, 2, **norm_act),
-            pool=nn.MaxPool2d(3, 2, padding=1),
+            pool=nn.MaxPool2d(3, 2, padding=1) if pool == "torchvision" else CaffeMaxPool2d(),
         )
         return nn.Sequential(layers), 4
     if kind == "rednet":
@@ -131,7 +159,8 @@ class ResNetLike(StagedNet):
       all), before the residual add, built with ``attention_kwargs``.
     - ``block_kwargs``: more keyword arguments for every block (e.g. ``cardinality``).
     - ``stem``: ``"resnet"``, ``"rednet"``, ``"cifar"`` or ``"spd"`` (see :func:`make_stem`),
-      ``stem_width`` output channels.
+      ``stem_width`` output channels; ``stem_pool``: the ``"resnet"`` stem's max pool,
+      ``"torchvision"`` (default) or ``"caffe"`` (:class:`CaffeMaxPool2d`, the SK networks').
     - ``zero_init_last``: zero-initialise the last BN of every residual branch.
     - ``act_layer``/``norm_layer``: for the stem and for blocks whose constructor takes them.
 
@@ -150,6 +179,7 @@ class ResNetLike(StagedNet):
         strides: Sequence[int] | None = None,
         stem: str = "resnet",
         stem_width: int = 64,
+        stem_pool: str = "torchvision",
         block_kwargs: dict[str, Any] | None = None,
         conv: str | None = None,
         conv_kwargs: dict[str, Any] | None = None,
@@ -180,7 +210,8 @@ class ResNetLike(StagedNet):
                              f"got {attention_stages}")
         check_positive_ints(owner, "in_chans", (in_chans,), 1)
         stem_module, stem_stride = make_stem(
-            stem, in_chans, stem_width, act_layer=act_layer, norm_layer=norm_layer
+            stem, in_chans, stem_width, act_layer=act_layer, norm_layer=norm_layer,
+            pool=stem_pool,
         )
         factory, accepted = _block_factory(block)
         common: dict[str, Any] = dict(block_kwargs or {})
@@ -395,7 +426,10 @@ _SK_NOTES = (
     "+ ReLU -> SKConv (M=2 branches: 3x3 groups 32 and 3x3 groups 32 dilation 2, each BN + "
     "ReLU, stride on both; fuse: mean -> 1x1 conv to d = max(C/16, 32) without bias + BN + "
     "ReLU -> 1x1 conv to 2C without bias -> softmax over the branches) -> 1x1 conv + BN; "
-    "projection shortcut 1x1 conv (stride) + BN; 7x7 stem + max pool."
+    "projection shortcut 1x1 conv (stride) + BN; 7x7 stem + the prototxt's max pool "
+    "(pool1/3x3_s2: kernel 3, stride 2, no padding, ceil rounding; stem_pool='torchvision' "
+    "gives torchvision's padding 1 / floor pool, which shifts the windows by one pixel and at "
+    "193x161 gives 49x41 maps where the prototxt gives 48x40)."
 )
 for _name, _layers, _params, _gmacs, _top1, _drive in (
     ("sknet50", (3, 4, 6, 3), 27.5, 4.47, 79.21, "1EKanqFkqoU3L6vgSLW3GjPciesZ2rrUH"),
@@ -407,12 +441,13 @@ for _name, _layers, _params, _gmacs, _top1, _drive in (
                     training=_SK_TRAINING, notes=_SK_NOTES, weights=(ReleasedWeights(
                         tag="caffe_in1k", page="https://github.com/implus/SKNet#trained-models",
                         url=None, sha256=None, top1=_top1,
-                        license="none stated (the repository has no license file)",
-                        layout="caffe", notes="A Caffe .caffemodel on Google Drive "
+                        license="none stated", layout="caffe",
+                        notes="A Caffe .caffemodel on Google Drive "
                         f"(https://drive.google.com/file/d/{_drive}/view). blockzoo cannot read "
-                        "it: see docs/models.md (Released weights) for what reading it needs.",
+                        "it: see docs/models.md (Released weights) for what reading it needs. "
+                        "The repository states no license.",
                     ),)),
-        block="sk_unit", layers=_layers,
+        block="sk_unit", layers=_layers, stem_pool="caffe",
     )
 
 register_model(

@@ -290,7 +290,9 @@ def image_problem(path: str | Path) -> str | None:
         with open(path, "rb") as f:
             f.seek(max(0, size - 1024))
             tail = f.read()
-    except UnidentifiedImageError:
+    except (UnidentifiedImageError, ImportError):
+        # ImportError: an opener patched in by another library (Ultralytics tries a HEIF
+        # plugin for files PIL cannot identify) fails on a missing optional module.
         return "not a readable image"
     except (OSError, SyntaxError, ValueError) as err:
         detail = str(err).splitlines()[0] if str(err) else type(err).__name__
