@@ -400,6 +400,23 @@ def test_features_only_returns_each_stage_at_its_stride(name: str) -> None:
     assert n_params(model) < n_params(full)
 
 
+@pytest.mark.parametrize("name", ["resnet50", "mobilenetv2"])
+def test_stages_run_block_by_block_unless_hooked_with_the_same_result(name: str) -> None:
+    model = create_model(name).eval()
+    x = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        plain = model(x)
+    seen = []
+    handle = model.stages[0].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    with torch.no_grad():
+        hooked = model(x)
+    handle.remove()
+    assert seen == [(2, model.stage_channels[0], 16, 12)]  # a stage hook still fires
+    torch.testing.assert_close(hooked, plain, rtol=0, atol=0)
+    stages = model.forward_stages(x)
+    assert [s.shape[1] for s in stages] == model.stage_channels
+
+
 def test_models_reject_bad_inputs_and_arguments_with_value_errors() -> None:
     model = create_model("resnet_cifar", num_classes=10)
     with pytest.raises(ValueError, match="ResNetLike.*3 input channels"):

@@ -334,3 +334,48 @@ def test_residual_accepts_every_registered_conv_block(conv: str) -> None:
     assert y.shape == (2, 256, 5, 4)
     y.square().mean().backward()
     assert all(p.grad is not None for p in block.parameters())
+
+
+def _reference_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``relu(attention(body(x)) + shortcut(x))`` with out-of-place ops only."""
+    out = x
+    for unit in block.body:
+        out = unit.bn(unit.conv(out))
+        if not isinstance(unit.act, nn.Identity):
+            out = torch.relu(out)
+    shortcut = block.shortcut(x) if isinstance(block.shortcut, nn.Identity) else \
+        block.shortcut.bn(block.shortcut.conv(x))
+    return torch.relu(block.attention(out) + shortcut)
+
+
+@pytest.mark.parametrize("attention", [None, "se"])
+@pytest.mark.parametrize(("grad", "train"), [(True, True), (True, False), (False, False)])
+def test_in_place_add_and_activations_keep_values_gradients_and_the_input(
+    attention: str | None, grad: bool, train: bool
+) -> None:
+    block = bz.create_block("residual", 16, 32, 2, attention=attention).double().train(train)
+    randomize_norms(block)
+    x = torch.randn(2, 16, 9, 7, dtype=torch.double, requires_grad=grad)
+    before = x.detach().clone()
+    with torch.set_grad_enabled(grad):
+        y = block(x)
+        expected = _reference_forward(block, x)
+    torch.testing.assert_close(y, expected)
+    torch.testing.assert_close(x.detach(), before)  # the block input is never written
+    if grad:
+        (gx,) = torch.autograd.grad(y.square().sum(), x)
+        (gx_ref,) = torch.autograd.grad(expected.square().sum(), x)
+        torch.testing.assert_close(gx, gx_ref)
+        assert torch.autograd.gradcheck(block, (x,))
+
+
+def test_in_place_add_leaves_hooked_branch_outputs_alone_in_training_too() -> None:
+    block = bz.create_block("residual", 16, 16).double().train()
+    randomize_norms(block)
+    seen: dict[str, torch.Tensor] = {}
+    block.body[-1].register_forward_hook(lambda m, i, o: seen.update(branch=o.detach()))
+    x = torch.randn(2, 16, 5, 5, dtype=torch.double, requires_grad=True)
+    y = block(x)
+    assert not torch.allclose(seen["branch"], y)
+    y.sum().backward()
+    assert x.grad is not None

@@ -48,8 +48,14 @@ class BatchNorm2d(nn.BatchNorm2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        single_value = x.dim() == 4 and x.shape[0] * x.shape[2] * x.shape[3] == 1
-        if self.training and single_value and self.running_mean is not None:
+        # Eval mode and ordinary batches pay one attribute test; the shape product is computed
+        # only in training mode.
+        if (
+            self.training
+            and self.running_mean is not None
+            and x.dim() == 4
+            and x.shape[0] * x.shape[2] * x.shape[3] == 1
+        ):
             return F.batch_norm(
                 x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0,
                 self.eps,
@@ -95,6 +101,14 @@ _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "tanh": nn.Tanh,
     "identity": nn.Identity,
 }
+
+
+#: Activations whose ``inplace=True`` form autograd supports: the backward pass reads the result
+#: (ReLU, ReLU6, LeakyReLU, ELU, ...) or autograd keeps the input it needs (SiLU, Hardswish, Mish).
+_INPLACE_ACTIVATIONS = frozenset({
+    nn.ReLU, nn.ReLU6, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.CELU, nn.SELU, nn.Hardtanh,
+    nn.Hardswish, nn.Hardsigmoid, nn.Mish,
+})
 
 
 def _group_norm(num_channels: int, **kwargs) -> nn.GroupNorm:
@@ -143,9 +157,18 @@ def get_norm_layer(spec: LayerSpec) -> Callable[..., nn.Module]:
     return _resolve(spec, _NORMS, "norm layer")
 
 
-def create_act(spec: LayerSpec) -> nn.Module:
-    """Build an activation module from a spec (see :func:`get_act_layer`)."""
-    return get_act_layer(spec)()
+def create_act(spec: LayerSpec, *, inplace: bool = False) -> nn.Module:
+    """Build an activation module from a spec (see :func:`get_act_layer`).
+
+    ``inplace=True`` builds torch's ReLU, ReLU6, SiLU, LeakyReLU, ELU, CELU, SELU, Hardtanh,
+    Hardswish, Hardsigmoid and Mish with ``inplace=True`` (other activations ignore it): only for
+    an input that nothing else reads afterwards, such as the fresh output of a norm layer or of a
+    residual sum, never a block's input or a tensor an attention gate multiplies.
+    """
+    factory = get_act_layer(spec)
+    if inplace and factory in _INPLACE_ACTIVATIONS:
+        return factory(inplace=True)
+    return factory()
 
 
 def create_norm(spec: LayerSpec, num_channels: int) -> nn.Module:
@@ -160,7 +183,10 @@ class ConvNormAct(nn.Sequential):
     The conv has no bias when a norm follows it. Submodules are named ``conv``, ``bn`` and
     ``act`` so that weights can be found by name. ``conv`` may be given as a module that stands
     in for the ``nn.Conv2d`` of this geometry (a conv-kind block, see
-    :func:`blockzoo.blocks.residual.conv_unit`); it is used as it is.
+    :func:`blockzoo.blocks.residual.conv_unit`); it is used as it is. After a norm layer the
+    activation runs in place on the norm's output (see :func:`create_act`), as torchvision's and
+    timm's networks do: the norm's backward pass does not read its output, and no temporary is
+    allocated. A forward hook on ``bn`` that keeps its output therefore sees the activated values.
     """
 
     def __init__(
@@ -190,4 +216,4 @@ class ConvNormAct(nn.Sequential):
             bias=bias,
         )
         self.bn = create_norm(norm_layer, out_channels)
-        self.act = create_act(act_layer)
+        self.act = create_act(act_layer, inplace=not isinstance(self.bn, nn.Identity))

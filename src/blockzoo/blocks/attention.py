@@ -61,7 +61,7 @@ class SqueezeExcite(ShapePreservingBlock):
             rd_channels = make_divisible(in_channels / reduction, 1, min_value=min_channels)
         self.rd_channels = rd_channels
         self.fc1 = nn.Conv2d(in_channels, rd_channels, 1)
-        self.act = create_act(act_layer)
+        self.act = create_act(act_layer, inplace=True)  # on fc1's fresh output
         self.fc2 = nn.Conv2d(rd_channels, in_channels, 1)
         self.gate = create_act(gate_layer)
         self.place(device, dtype)

@@ -454,7 +454,7 @@ class DynamicConvBnAct(Block):
             strategy=strategy,
         )
         self.bn = create_norm(norm_layer, self.out_channels)
-        self.act = create_act(act_layer)
+        self.act = create_act(act_layer, inplace=not isinstance(self.bn, nn.Identity))
         self.place(device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

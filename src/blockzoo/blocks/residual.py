@@ -22,9 +22,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks
 
 from ..core.counting import map_elements
-from ..layers import ConvNormAct, LayerSpec, create_act
+from ..layers import ConvNormAct, LayerNorm2d, LayerSpec, create_act
 from ..registry import block_info, create_block, list_blocks, register_block
 from .base import Block
 
@@ -246,7 +247,7 @@ class ResidualBlock(Block):
         self.body = body
         self.attention = attention_block(self, attention, self.out_channels, attention_kwargs)
         self.shortcut = residual_shortcut(self, norm_layer)
-        self.act = create_act(act_layer)
+        self.act = create_act(act_layer, inplace=True)
         if zero_init_last:
             last_norm = body[-1].bn
             self.require(
@@ -257,11 +258,60 @@ class ResidualBlock(Block):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        return self.act(self.attention(self.body(x)) + self.shortcut(x))
+        out = self.attention(self.body(x))
+        shortcut = self.shortcut(x)
+        if self._add_in_place(out, shortcut):
+            out += shortcut
+        else:
+            out = out + shortcut
+        return self.act(out)
+
+    def _add_in_place(self, out: torch.Tensor, shortcut: torch.Tensor) -> bool:
+        """Whether the shortcut may be added into the branch output ``out`` in place.
+
+        Only when nothing can read ``out`` afterwards: no forward hook inside the block or global
+        one (a hook may keep the output), the same dtype (the sum would otherwise be promoted),
+        not while ``torch.compile`` traces (it plans its own buffers), and either no autograd or
+        a branch that ends in a norm layer (no attention block; the norm's backward pass does
+        not read its output, whereas a user's attention block may save its own). The sum then
+        takes no new tensor, as torchvision's ``out += identity``. ``x`` is never written; the
+        activation after the add runs in place either way.
+        """
+        if (
+            out.dtype != shortcut.dtype
+            or torch.compiler.is_compiling()
+            or _global_forward_hooks
+            or _has_forward_hook(self)
+        ):
+            return False
+        return not (torch.is_grad_enabled() and out.requires_grad) or self._ends_in_norm()
+
+    def _ends_in_norm(self) -> bool:
+        """True when the branch output is the output of a norm layer: no attention block, and
+        the body's last unit a conv + norm without activation."""
+        last = self.body[-1] if isinstance(self.body, nn.Sequential) and len(self.body) else None
+        return (
+            isinstance(self.attention, nn.Identity)
+            and isinstance(last, ConvNormAct)
+            and isinstance(last.act, nn.Identity)
+            and isinstance(last.bn, _NORMS_NOT_READING_OUTPUT)
+        )
 
     def extra_flops(self, x: torch.Tensor) -> int:
         """The shortcut add, one per output value (attention blocks inside declare their own)."""
         return 2 * map_elements(x, self.out_channels, self.stride)
+
+
+#: Norm layers whose backward pass reads their input and statistics, never their output.
+_NORMS_NOT_READING_OUTPUT = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, LayerNorm2d)
+
+
+def _has_forward_hook(module: nn.Module) -> bool:
+    """True when ``module`` or any module inside it has a forward hook."""
+    if module._forward_hooks:
+        return True
+    return any(child is not None and _has_forward_hook(child)
+               for child in module._modules.values())
 
 
 @register_block(

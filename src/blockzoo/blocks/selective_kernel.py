@@ -224,7 +224,7 @@ class SKUnit(Block):
         )
         self.conv3 = ConvNormAct(mid, out, 1, norm_layer=norm_layer, act_layer=None)
         self.shortcut = residual_shortcut(self, norm_layer)
-        self.act = create_act(act_layer)
+        self.act = create_act(act_layer, inplace=True)
         self.place(device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -158,7 +158,7 @@ class SPDBottleneck(ResidualBlock):
                 conv=nn.Conv2d(width, width, 3, padding=1, bias=False),
                 spd=SpaceToDepth(2),
                 bn=create_norm(norm_layer, mid),
-                act=create_act(act_layer),
+                act=create_act(act_layer, inplace=True),
             ))
         body = nn.Sequential(OrderedDict(
             conv1=ConvNormAct(in_channels, width, 1, norm_layer=norm_layer, act_layer=act_layer),

@@ -14,6 +14,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.module import (
+    _global_backward_hooks,
+    _global_backward_pre_hooks,
+    _global_forward_hooks,
+    _global_forward_pre_hooks,
+)
 
 from ..blocks.base import check_input, named_open_modules
 from ..core.validation import require
@@ -183,17 +189,34 @@ class StagedNet(nn.Module):
 
     def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The outputs of every built stage, at strides ``feature_strides``."""
+        return self._run_stages(x, keep_all=True)
+
+    def _run_stages(self, x: torch.Tensor, keep_all: bool) -> list[torch.Tensor]:
+        """Stem and stages; every stage output when ``keep_all``, else the last one alone.
+
+        A module call keeps its input alive until it returns, so ``stage(x)`` would hold the
+        stage's input (for the first stage, the large stem output) through all of the stage's
+        blocks. A plain ``nn.Sequential`` stage with no hooks is therefore run here block by
+        block, which is what its call would do, and its input is released after the first
+        block; a stage with hooks (or under global module hooks or ``torch.jit`` tracing) is
+        called as a module.
+        """
         check_input(self, x, self.in_chans)
         x = self.stem(x)
         features = []
         for stage in self.stages:
-            x = stage(x)
-            features.append(x)
-        return features
+            if runs_as_plain_sequential(stage):
+                for block in stage:
+                    x = block(x)
+            else:
+                x = stage(x)
+            if keep_all:
+                features.append(x)
+        return features if keep_all else [x]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The final feature map ``(N, num_features, h, w)``: the last stage (+ ``head_conv``)."""
-        x = self.forward_stages(x)[-1]
+        x = self._run_stages(x, keep_all=False)[-1]
         return x if self.head_conv is None else self.head_conv(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -248,6 +271,23 @@ class StagedNet(nn.Module):
         cfg = getattr(self, "default_cfg", None)
         if isinstance(cfg, dict):
             cfg["num_classes"] = num_classes
+
+
+def runs_as_plain_sequential(module: nn.Module) -> bool:
+    """True when calling ``module`` would do nothing but ``nn.Sequential.forward``.
+
+    That is: ``module`` is an ``nn.Sequential`` (not a subclass), has no forward or backward
+    hooks, no global module hooks are registered and ``torch.jit`` is not tracing (tracing
+    records module scopes through the call).
+    """
+    return (
+        type(module) is nn.Sequential
+        and not (module._forward_pre_hooks or module._forward_hooks
+                 or module._backward_pre_hooks or module._backward_hooks)
+        and not (_global_forward_pre_hooks or _global_forward_hooks
+                 or _global_backward_pre_hooks or _global_backward_hooks)
+        and not torch.jit.is_tracing()
+    )
 
 
 def init_conv_norm_act(model: nn.Module) -> None:

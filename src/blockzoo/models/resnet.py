@@ -98,7 +98,7 @@ def make_stem(
             conv1=ConvNormAct(in_chans, half, 3, 2, **norm_act),
             involution=create_block("involution", half, kernel_size=3),
             bn=create_norm(norm_layer, half),
-            act=create_act(act_layer),
+            act=create_act(act_layer, inplace=True),
             conv2=ConvNormAct(half, width, 3, **norm_act),
             pool=nn.MaxPool2d(3, 2, padding=1),
         )
