@@ -131,6 +131,8 @@ def test_rejects_bad_prev_naming_the_cell_and_shapes(cls: type) -> None:
             cell(x, prev)
     with pytest.raises(ValueError, match=f"{name}.*dtype"):
         cell(x, torch.ones(2, 24, 8, 8, dtype=torch.int64))
+    with pytest.raises(ValueError, match=f"{name}.*torch.float32.*torch.float64"):
+        cell(x, torch.randn(2, 24, 8, 8, dtype=torch.float64))
     with pytest.raises(ValueError, match=f"{name}.*prev defaults to x.*16.*24"):
         cell(x)
 

@@ -275,3 +275,53 @@ def test_onnx_export_dynamic_batch_and_size(name: str, tmp_path) -> None:
         x = cfg.input(n, h, w)
         (y,) = session.run(None, {"x": x.numpy()})
         np.testing.assert_allclose(y, _run(block, x).numpy(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_zero_batch_gives_an_empty_output(name: str) -> None:
+    """A batch of 0 samples (detection heads and samplers make them) runs in training and eval
+    mode, forward and backward, as ``nn.Conv2d`` does."""
+    cfg = main_config(name)
+    block = cfg.build().train()
+    x = cfg.input(0, 9, 7).requires_grad_()
+    y = block(x)
+    assert y.shape == cfg.expected_shape(block, 0, 9, 7)
+    y.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+    assert _run(block.eval(), cfg.input(0, 5, 6)).shape == cfg.expected_shape(block, 0, 5, 6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", NAMES)
+def test_foreign_dtype_input_is_a_value_error_naming_both_dtypes(
+    name: str, dtype: torch.dtype
+) -> None:
+    """A float32 block refuses another floating dtype outside autocast; under bfloat16 autocast
+    it takes bfloat16 (the autocast dtype) and refuses the others."""
+    cfg = main_config(name)
+    block = cfg.build().eval()
+    x = cfg.input(2, 6, 5).to(dtype)
+    with pytest.raises(ValueError) as err:
+        block(x)
+    message = str(err.value)
+    assert type(block).__name__ in message
+    assert str(dtype) in message and str(torch.float32) in message
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        if dtype != torch.bfloat16:
+            with pytest.raises(ValueError, match=str(dtype)):
+                block(x)
+        else:
+            assert _run(block, x).shape == cfg.expected_shape(block, 2, 6, 5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_jit_trace_generalises_to_other_batch_sizes(name: str) -> None:
+    """Traced at batch 2, the block gives the eager result at batch 3 and 1: no batch size is
+    baked into the graph."""
+    cfg = main_config(name)
+    block = cfg.build().eval()
+    with torch.no_grad():
+        traced = torch.jit.trace(block, cfg.input(2, 9, 7), check_trace=False)
+    for n in (3, 1):
+        x = cfg.input(n, 9, 7)
+        torch.testing.assert_close(_run(traced, x), _run(block, x), rtol=1e-4, atol=1e-5)

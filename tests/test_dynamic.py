@@ -274,6 +274,15 @@ def test_cond_conv_rejects_bad_routing_weights(bad) -> None:
         block(torch.randn(2, 8, 5, 5), bad)
 
 
+def test_cond_conv_routing_weights_of_another_dtype_are_refused_outside_autocast() -> None:
+    block = bz.CondConv2d(8, num_experts=4).eval()
+    x = torch.randn(2, 8, 5, 5)
+    with pytest.raises(ValueError, match="routing_weights must have the input's dtype"):
+        block(x, torch.rand(2, 4, dtype=torch.float64))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert block(x, torch.rand(2, 4, dtype=torch.bfloat16)).shape == (2, 8, 5, 5)
+
+
 def test_auto_strategy_rule() -> None:
     def pick(block: ExpertConv2d, n: int, h: int, w: int) -> str:
         return block.choose_strategy(torch.empty(n, block.in_channels, h, w))

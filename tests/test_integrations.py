@@ -7,6 +7,7 @@ socket connection or DNS lookup during these tests fails the test.
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -179,6 +180,147 @@ def test_unregister_restores_ultralytics_parse_model(yolo) -> None:
         yolo.register()
         yolo.register()  # idempotent: wraps once
     assert not hasattr(tasks.parse_model.__dict__["_blockzoo_original"], "_blockzoo_original")
+
+
+def test_yaml_errors_name_the_layer_suggest_names_and_explain_the_width(yolo: object) -> None:
+    tasks = _tasks()
+    cfg = tasks.yaml_model_load(YOLO_DIR / "yolov8n-coordatt.yaml")  # scale n: width 0.25
+    cfg["backbone"][9] = [-1, 1, "CoordAttn", []]
+    with pytest.raises(ValueError, match=r"layer 9: unknown module 'CoordAttn'; did you mean "
+                                         r"CoordAtt"):
+        tasks.DetectionModel(cfg, verbose=False)
+    cfg["backbone"][9] = [-1, 1, "coord_att", [128]]
+    with pytest.raises(ValueError) as err:
+        tasks.DetectionModel(cfg, verbose=False)
+    message = str(err.value)
+    assert message.startswith("layer 9 (coord_att): CoordinateAttention: ")
+    assert "in_channels (256), got 32" in message
+    assert "128 output channels are 32" in message and "width multiple 0.25" in message
+    assert "its input has 256 channels, which it keeps: leave the output channels out ([])" \
+        in message
+    cfg["backbone"][9] = [-1, 1, "bz.dense", [128]]  # structural: 256 + 6 * 32 channels out
+    with pytest.raises(ValueError) as err:
+        tasks.DetectionModel(cfg, verbose=False)
+    message = str(err.value)
+    assert message.startswith("layer 9 (bz.dense): DenseBlock: out_channels is structural")
+    assert "128 output channels are 32" in message and "leave the output" not in message
+    cfg["backbone"][9] = [-1, 1, "SPDConv", [64, 2, {"kernel_size": "3"}]]
+    with pytest.raises(ValueError, match=r"^layer 9 \(SPDConv\): SPDConv: kernel_size must be"):
+        tasks.DetectionModel(cfg, verbose=False)
+    cfg["backbone"][9] = [-1, 1, "bz.se", [{"rd_channels": 0}]]
+    with pytest.raises(ValueError, match=r"^layer 9 \(bz.se\): SqueezeExcite: rd_channels"):
+        tasks.DetectionModel(cfg, verbose=False)
+
+
+TINY_DETECTOR = """\
+nc: 1
+depth_multiple: 1.0
+width_multiple: 1.0
+backbone:
+  - [-1, 1, Conv, [8, 3, 2]]
+  - [-1, 1, SPDConv, [16]]
+  - [-1, 1, Conv, [16, 3, 2]]
+  - [-1, 1, CoordAtt, []]
+  - [-1, 1, Conv, [16, 3, 2]]
+  - [-1, 1, Conv, [16, 3, 2]]
+head:
+  - [[3, 4, 5], 1, Detect, [nc]]
+"""
+
+
+def _tiny_detection_data(root: Path) -> Path:
+    """Four 32x32 train and val images with one bright square each, labelled in YOLO format."""
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "labels" / split).mkdir(parents=True)
+        for k in range(4):
+            x0, y0 = (int(v) for v in torch.randint(2, 14, (2,), generator=generator))
+            image = torch.full((32, 32, 3), 40, dtype=torch.uint8)
+            image[y0 : y0 + 14, x0 : x0 + 14] = 220
+            Image.fromarray(image.numpy()).save(root / "images" / split / f"{k}.png")
+            box = f"{(x0 + 7) / 32:.4f} {(y0 + 7) / 32:.4f} {14 / 32:.4f} {14 / 32:.4f}"
+            (root / "labels" / split / f"{k}.txt").write_text(f"0 {box}\n")
+    data = root / "data.yaml"
+    data.write_text(f"path: {root}\ntrain: images/train\nval: images/val\nnames:\n  0: square\n")
+    return data
+
+
+@contextlib.contextmanager
+def _torch_settings_kept() -> Iterator[None]:
+    """Ultralytics' trainer sets the thread count and the deterministic flags process-wide."""
+    threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+
+
+@pytest.mark.slow
+def test_blockzoo_yolo_cli_trains_validates_predicts_and_exports_offline(
+    yolo: object, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """``blockzoo yolo ...`` is Ultralytics' CLI with the blocks registered: a YAML naming
+    SPDConv and CoordAtt trains one epoch on a dataset made here, then validates, predicts and
+    exports to TorchScript (a trace) without touching the network (the fixture refuses it)."""
+    from ultralytics.utils import USER_CONFIG_DIR
+
+    from blockzoo.cli import main
+
+    # Checking a dataset makes Ultralytics look for its plotting font, downloading it when it is
+    # not in its settings directory (the fixture's temporary one); nothing is plotted here.
+    assert USER_CONFIG_DIR.is_relative_to(os.environ["YOLO_CONFIG_DIR"])
+    (USER_CONFIG_DIR / "Arial.ttf").touch()
+    data = _tiny_detection_data(tmp_path / "data")
+    model_yaml = tmp_path / "tiny.yaml"
+    model_yaml.write_text(TINY_DETECTOR)
+    common = ["imgsz=32", "device=cpu", "workers=0", "plots=False", f"project={tmp_path / 'runs'}",
+              "exist_ok=True"]
+    with _torch_settings_kept():
+        yolo.unregister()  # the command registers the blocks itself
+        assert main(["yolo", "detect", "train", f"model={model_yaml}", f"data={data}",
+                     "epochs=1", "batch=2", "amp=False", "deterministic=False", "val=False",
+                     "name=train", *common]) == 0
+        assert yolo.is_registered()
+        weights = tmp_path / "runs" / "train" / "weights" / "last.pt"
+        assert weights.is_file()
+        assert main(["yolo", "detect", "val", f"model={weights}", f"data={data}", "batch=2",
+                     "name=val", *common]) == 0
+        assert main(["yolo", "predict", f"model={weights}", f"source={data.parent}/images/val",
+                     "save=False", "name=predict", *common]) == 0
+        assert main(["yolo", "export", f"model={weights}", "format=torchscript", "imgsz=32",
+                     "device=cpu"]) == 0
+    exported = weights.with_suffix(".torchscript")
+    assert exported.is_file()
+    traced = torch.jit.load(str(exported))
+    from ultralytics import YOLO
+
+    model = YOLO(str(weights)).model.float().eval()
+    x = torch.rand(3, 3, 32, 32)  # traced at batch 1: the graph generalises to batch 3
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), model(x)[0], rtol=1e-4, atol=1e-4)
+    layers = model.model
+    assert isinstance(layers[1], bz.SPDConv) and isinstance(layers[3], bz.CoordinateAttention)
+
+
+def test_blockzoo_yolo_cli_reports_yaml_errors_in_one_line(
+    yolo: object, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from blockzoo.cli import main
+
+    model_yaml = tmp_path / "bad.yaml"
+    model_yaml.write_text(TINY_DETECTOR.replace("CoordAtt", "CoordAttn"))
+    assert main(["yolo", "detect", "train", f"model={model_yaml}", "epochs=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "layer 3: unknown module 'CoordAttn'; did you mean CoordAtt" in err
+    assert err.startswith("blockzoo yolo: error:")
+    assert main(["yolo", "detect", "train", "epochz=1"]) == 2
+    assert "epochz" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- timm

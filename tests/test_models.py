@@ -575,3 +575,43 @@ def test_conv_norm_act_convs_get_he_init_but_blocks_keep_their_own() -> None:
     reduce = rednet.stages[0][0].body.conv2.conv.reduce.conv  # involution's kernel generator
     fresh = nn.Conv2d(reduce.in_channels, reduce.out_channels, 1, bias=False)
     assert reduce.weight.abs().max() <= fresh.weight.abs().max() * 1.01  # default uniform init
+
+
+# --------------------------------------------------------------------------- odd inputs
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_zero_batch_gives_empty_logits(name: str) -> None:
+    model = create_model(name, num_classes=10).train()
+    x = torch.randn(0, 3, 32, 32, requires_grad=True)
+    y = model(x)
+    assert y.shape == (0, 10)
+    y.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+    with torch.no_grad():
+        assert model.eval()(torch.randn(0, 3, 33, 47)).shape == (0, 10)
+
+
+def test_traced_dy_mobilenetv2_generalises_to_other_batch_sizes() -> None:
+    model = create_model("dy_mobilenetv2", num_classes=10)
+    settle_norms(model)
+    model.eval()
+    with torch.no_grad():
+        traced = torch.jit.trace(model, torch.randn(2, 3, 32, 32), check_trace=False)
+        for n in (3, 1):
+            x = torch.randn(n, 3, 32, 32)
+            torch.testing.assert_close(traced(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["mobilenetv2", "resnet50", "rednet26"])
+def test_bad_model_arguments_are_refused_before_building(name: str) -> None:
+    for kwargs, argument in [
+        ({"in_chans": -1}, "in_chans"), ({"in_chans": True}, "in_chans"),
+        ({"num_classes": 2.5}, "num_classes"), ({"features_only": "yes"}, "features_only"),
+        ({"norm_layer": nn.BatchNorm2d(8)}, "norm_layer"), ({"act_layer": 3}, "act_layer"),
+        ({"drop_rate": math.nan}, "drop_rate"),
+    ]:
+        with pytest.raises(ValueError, match=f"^{type(create_model(name)).__name__}: {argument}"):
+            create_model(name, **kwargs)
+    model = create_model(name, num_classes=10, act_layer=nn.LeakyReLU(0.2)).eval()
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)

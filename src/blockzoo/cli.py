@@ -252,6 +252,15 @@ def _cmd_viz(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_yolo(args: argparse.Namespace) -> int:
+    try:
+        from .integrations.ultralytics import run_cli
+    except ImportError as err:  # Ultralytics is the optional extra blockzoo[yolo]
+        raise ValueError(str(err)) from err
+    run_cli(args.args)
+    return 0
+
+
 def _cmd_convert(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
@@ -394,6 +403,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=cli_int(1), default=224,
                    help="side the image is resized to")
     p.set_defaults(func=_cmd_viz)
+
+    p = sub.add_parser(
+        "yolo", help="Ultralytics' own CLI with the blockzoo blocks registered",
+        description="Run Ultralytics' command line (train, val, predict, export, ...) with every "
+        "blockzoo block usable by name in model YAMLs: 'blockzoo yolo detect train "
+        "model=my.yaml data=data.yaml epochs=10' is 'yolo detect train ...' after "
+        "blockzoo.integrations.ultralytics.register(). Needs blockzoo[yolo].",
+    )
+    p.add_argument("args", nargs=argparse.REMAINDER, help="the arguments of Ultralytics' yolo")
+    p.set_defaults(func=_cmd_yolo)
 
     p = sub.add_parser("convert", help="write an authors' checkpoint as a blockzoo state_dict",
                        description="Map a checkpoint (the authors' key layout, or blockzoo's) "

@@ -8,11 +8,15 @@ from :func:`make_divisible`; convolutions that keep the output-size rule
 
 from __future__ import annotations
 
+import copy
+import functools
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .core.validation import check_layer_spec
 
 LayerSpec = str | type[nn.Module] | Callable[..., nn.Module] | None
 
@@ -127,25 +131,38 @@ _NORMS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def _resolve(spec: LayerSpec, table: dict, what: str) -> Callable[..., nn.Module]:
+def _resolve(spec: LayerSpec, table: dict, name: str, what: str) -> Callable[..., nn.Module]:
+    instances = table is _ACTIVATIONS
+    check_layer_spec("blockzoo", name, spec, table, what=what, instances=instances)
     if spec is None:
         return nn.Identity
     if isinstance(spec, str):
-        key = spec.lower().replace("-", "_")
-        if key not in table:
-            raise ValueError(f"unknown {what} {spec!r}; choose one of {sorted(table)}")
-        return table[key]
-    if callable(spec):
-        return spec
-    raise ValueError(f"{what} must be a string, a class or a callable, got {spec!r}")
+        return table[spec.lower().replace("-", "_")]
+    if isinstance(spec, nn.Module):  # an activation instance: a fresh copy for every use
+        return functools.partial(copy.deepcopy, spec)
+    return spec
+
+
+def check_layers(owner: str, **specs: LayerSpec) -> None:
+    """Check ``act_layer=...``/``norm_layer=...`` specs, naming ``owner`` and the argument.
+
+    An argument whose name contains ``norm`` is a norm spec (no module instances), any other
+    an activation spec (an instance is accepted and copied for every use).
+    """
+    for name, spec in specs.items():
+        if "norm" in name:
+            check_layer_spec(owner, name, spec, _NORMS, what="norm layer", instances=False)
+        else:
+            check_layer_spec(owner, name, spec, _ACTIVATIONS, what="activation", instances=True)
 
 
 def get_act_layer(spec: LayerSpec) -> Callable[..., nn.Module]:
     """Turn ``"relu"``, ``"silu"``, ``"hard_swish"``, ... or a class into an activation factory.
 
-    ``None`` gives ``nn.Identity``. Calling the factory with no argument builds the module.
+    ``None`` gives ``nn.Identity``. Calling the factory with no argument builds the module. An
+    activation instance (``nn.ReLU()``, ``nn.LeakyReLU(0.1)``) gives a factory of deep copies.
     """
-    return _resolve(spec, _ACTIVATIONS, "activation")
+    return _resolve(spec, _ACTIVATIONS, "act_layer", "activation")
 
 
 def get_norm_layer(spec: LayerSpec) -> Callable[..., nn.Module]:
@@ -153,8 +170,9 @@ def get_norm_layer(spec: LayerSpec) -> Callable[..., nn.Module]:
 
     The factory is called with the number of channels. ``"batchnorm"`` is blockzoo's
     :class:`BatchNorm2d` (defined for a single value per channel); ``None`` gives ``nn.Identity``.
+    A module instance is refused: a norm layer is built for a channel count.
     """
-    return _resolve(spec, _NORMS, "norm layer")
+    return _resolve(spec, _NORMS, "norm_layer", "norm layer")
 
 
 def create_act(spec: LayerSpec, *, inplace: bool = False) -> nn.Module:

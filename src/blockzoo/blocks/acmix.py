@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.counting import map_elements
+from ..core.validation import check_positive_int
 from ..layers import same_padding
 from ..ops import use_fast_path, window_attention
 from ..registry import register_block
@@ -252,16 +253,11 @@ class ACmix(Block):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(in_channels, out_channels, stride)
-        for name, value in (("kernel_att", kernel_att), ("head", head),
-                            ("kernel_conv", kernel_conv), ("dilation", dilation)):
-            self.require(
-                isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-                f"{name} must be a positive integer, got {value!r}",
-            )
-        self.require(
-            kernel_att % 2 == 1 and kernel_conv % 2 == 1,
-            f"kernel_att and kernel_conv must be odd, got {kernel_att} and {kernel_conv}",
-        )
+        name = type(self).__name__
+        check_positive_int(name, "kernel_att", kernel_att, odd=True)
+        check_positive_int(name, "head", head)
+        check_positive_int(name, "kernel_conv", kernel_conv, odd=True)
+        check_positive_int(name, "dilation", dilation)
         self.require(
             self.out_channels % head == 0,
             f"out_channels ({self.out_channels}) must be divisible by head ({head})",
@@ -312,7 +308,7 @@ class ACmix(Block):
         n, _, h, w = q.shape
         heads = [t.reshape(n, self.head, self.head_dim, h * w) for t in (q, k, v)]
         f_all = self.fc(torch.cat(heads, dim=1))  # (N, k_conv^2, D, H * W)
-        f_conv = f_all.permute(0, 2, 1, 3).reshape(n, -1, h, w)
+        f_conv = f_all.permute(0, 2, 1, 3).reshape(n, self.dep_conv.in_channels, h, w)
         return self.dep_conv(f_conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..core.counting import map_elements
+from ..core.validation import check_choice, check_positive_int, check_positive_number
 from ..layers import LayerSpec, create_act, create_norm, make_divisible
 from ..registry import register_block
 from .base import ExplainKey, ShapePreservingBlock
@@ -56,9 +57,14 @@ class SqueezeExcite(ShapePreservingBlock):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(in_channels, out_channels, stride)
-        self.require(reduction > 0, f"reduction must be positive, got {reduction}")
+        name = type(self).__name__
+        check_positive_number(name, "reduction", reduction)
+        check_positive_int(name, "min_channels", min_channels)
+        self.check_layers(act_layer=act_layer, gate_layer=gate_layer)
         if rd_channels is None:
             rd_channels = make_divisible(in_channels / reduction, 1, min_value=min_channels)
+        else:
+            check_positive_int(name, "rd_channels", rd_channels)
         self.rd_channels = rd_channels
         self.fc1 = nn.Conv2d(in_channels, rd_channels, 1)
         self.act = create_act(act_layer, inplace=True)  # on fc1's fresh output
@@ -119,7 +125,14 @@ class GlobalContext(ShapePreservingBlock):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(in_channels, out_channels, stride)
-        self.require(pool in ("att", "avg"), f"pool must be 'att' or 'avg', got {pool!r}")
+        name = type(self).__name__
+        check_choice(name, "pool", pool, ("att", "avg"))
+        check_positive_number(name, "ratio", ratio)
+        self.require(
+            isinstance(fusion_types, (tuple, list))
+            and all(isinstance(f, str) for f in fusion_types),
+            f"fusion_types must be a tuple of fusion names, got {fusion_types!r}",
+        )
         fusion_types = tuple(fusion_types)
         self.require(
             len(fusion_types) > 0
@@ -128,7 +141,6 @@ class GlobalContext(ShapePreservingBlock):
             f"fusion_types must be a non-empty subset of ('channel_add', 'channel_mul'), "
             f"got {fusion_types}",
         )
-        self.require(ratio > 0, f"ratio must be positive, got {ratio}")
         self.pool = pool
         self.fusion_types = fusion_types
         self.planes = max(1, int(in_channels * ratio))
@@ -219,7 +231,10 @@ class CoordinateAttention(ShapePreservingBlock):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(in_channels, out_channels, stride)
-        self.require(reduction > 0, f"reduction must be positive, got {reduction}")
+        name = type(self).__name__
+        check_positive_number(name, "reduction", reduction)
+        check_positive_int(name, "min_channels", min_channels)
+        self.check_layers(act_layer=act_layer, norm_layer=norm_layer)
         mip = max(min_channels, int(in_channels // reduction))
         self.mip = mip
         self.conv1 = nn.Conv2d(in_channels, mip, 1)

@@ -14,13 +14,37 @@ import torch
 from torch import nn
 
 from ..core.validation import check_positive_int, require
+from ..layers import LayerSpec, check_layers
 from ..registry import block_info, list_blocks
+
+
+def parameter_dtype(module: nn.Module) -> torch.dtype | None:
+    """The dtype of ``module``'s first floating-point parameter (``None`` if it has none).
+
+    A depth-first walk that stops at the first parameter (a few microseconds: it runs in every
+    forward), in the order of ``module.parameters()``.
+    """
+    stack = [module]
+    while stack:
+        current = stack.pop()
+        for p in current._parameters.values():
+            if p is not None and p.is_floating_point():
+                return p.dtype
+        stack.extend(reversed(current._modules.values()))
+    return None
+
 
 Width = Literal["free", "same", "structural"]
 
 
 def check_input(block: nn.Module, x: object, channels: int) -> None:
-    """Raise a ``ValueError`` naming ``block`` unless ``x`` is ``(N, channels, H, W)`` floating."""
+    """Raise a ``ValueError`` naming ``block`` unless ``x`` is ``(N, channels, H, W)`` floating
+    of the dtype of ``block``'s parameters.
+
+    Under ``torch.autocast`` for ``x``'s device type the operators cast float32 inputs
+    themselves, so there a float32 input or one of the autocast dtype is taken too. A block
+    without parameters takes any floating dtype.
+    """
     name = type(block).__name__
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{name} expects a tensor of shape (N, {channels}, H, W), got {type(x)}")
@@ -36,6 +60,18 @@ def check_input(block: nn.Module, x: object, channels: int) -> None:
         )
     if not x.is_floating_point():
         raise ValueError(f"{name} expects a floating-point input, got dtype {x.dtype}")
+    expected = parameter_dtype(block)
+    if expected is None or x.dtype == expected:
+        return
+    device = x.device.type
+    # Under autocast the operators cast float32 inputs (and take the autocast dtype itself).
+    autocast = torch.is_autocast_enabled(device)
+    if not (autocast and x.dtype in (torch.float32, torch.get_autocast_dtype(device))):
+        raise ValueError(
+            f"{name} has {expected} parameters but got an input of dtype {x.dtype}; "
+            f"convert one to the other (x.to({expected}) or block.to({x.dtype}))"
+            + ("" if autocast else " or run under torch.autocast")
+        )
 
 
 class ExplainKey:
@@ -133,6 +169,10 @@ class Block(nn.Module):
 
     def check_input(self, x: torch.Tensor) -> None:
         check_input(self, x, self.in_channels)
+
+    def check_layers(self, **specs: LayerSpec) -> None:
+        """Check ``act_layer=...``/``norm_layer=...`` arguments (see :func:`check_layers`)."""
+        check_layers(type(self).__name__, **specs)
 
     def require(self, condition: bool, message: str) -> None:
         """Raise ``ValueError("<BlockName>: <message>")`` unless ``condition`` holds."""

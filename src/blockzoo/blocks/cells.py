@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..core.counting import map_elements
-from ..core.validation import check_positive_int
+from ..core.validation import check_positive_int, check_positive_number
 from ..layers import ConvNormAct, LayerSpec, create_act
 from ..registry import register_block
 from .base import Block
@@ -99,7 +99,8 @@ class _NormalCell(Block):
     ) -> None:
         super().__init__(in_channels, out_channels, stride)
         name = type(self).__name__
-        self.require(norm_eps > 0, f"norm_eps must be positive, got {norm_eps}")
+        self.check_layers(act_layer=act_layer, norm_layer=norm_layer)
+        check_positive_number(name, "norm_eps", norm_eps)
         self.prev_channels = (
             in_channels if prev_channels is None
             else check_positive_int(name, "prev_channels", prev_channels)
@@ -142,6 +143,8 @@ class _NormalCell(Block):
             )
         if not prev.is_floating_point():
             raise ValueError(f"{name} expects a floating-point prev, got dtype {prev.dtype}")
+        if prev.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(f"{name} expects prev of x's dtype {x.dtype}, got dtype {prev.dtype}")
         if prev.shape[0] != x.shape[0] or prev.shape[2:] != x.shape[2:]:
             raise ValueError(
                 f"{name}: a normal cell keeps the spatial size, so prev must have the batch "

@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 from torchvision.ops import deform_conv2d as _tv_deform_conv2d
 
+from ..core.validation import check_bool, check_choice, check_positive_int
 from ..layers import same_padding
 from ..ops import deform_conv2d as _fast_deform_conv2d
 from ..ops import finite_offset, use_fast_path
@@ -180,13 +181,12 @@ class _DeformConvBase(Block):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(in_channels, out_channels, stride)
-        for name, value in (("kernel_size", kernel_size), ("dilation", dilation),
-                            ("groups", groups), ("offset_groups", offset_groups)):
-            self.require(
-                isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-                f"{name} must be a positive integer, got {value!r}",
-            )
-        self.require(kernel_size % 2 == 1, f"kernel_size must be odd, got {kernel_size}")
+        name = type(self).__name__
+        check_positive_int(name, "kernel_size", kernel_size, odd=True)
+        check_positive_int(name, "dilation", dilation)
+        check_positive_int(name, "groups", groups)
+        check_positive_int(name, "offset_groups", offset_groups)
+        check_bool(name, "bias", bias)
         self.require(
             in_channels % groups == 0 and self.out_channels % groups == 0,
             f"in_channels ({in_channels}) and out_channels ({self.out_channels}) must be "
@@ -196,7 +196,7 @@ class _DeformConvBase(Block):
             in_channels % offset_groups == 0,
             f"in_channels ({in_channels}) must be divisible by offset_groups ({offset_groups})",
         )
-        self.require(impl in IMPLS, f"impl must be one of {IMPLS}, got {impl!r}")
+        check_choice(name, "impl", impl, IMPLS)
         self.kernel_size = kernel_size
         self.dilation = dilation
         self.padding = same_padding(kernel_size, dilation)

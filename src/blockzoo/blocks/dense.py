@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..core.validation import check_positive_int
+from ..core.validation import check_bool, check_positive_int
 from ..layers import LayerSpec, create_act, create_norm
 from ..registry import register_block
 from .base import Block
@@ -130,11 +130,13 @@ class DenseBlock(Block):
         self.num_layers = check_positive_int(name, "num_layers", num_layers)
         self.growth_rate = check_positive_int(name, "growth_rate", growth_rate)
         self.bn_size = check_positive_int(name, "bn_size", bn_size)
+        check_bool(name, "memory_efficient", memory_efficient)
+        self.check_layers(norm_layer=norm_layer, act_layer=act_layer)
         self.derive_out_channels(
             out_channels, in_channels + num_layers * growth_rate,
             "in_channels + num_layers * growth_rate",
         )
-        self.memory_efficient = bool(memory_efficient)
+        self.memory_efficient = memory_efficient
         self.layers = nn.ModuleList(
             DenseLayer(
                 in_channels + i * growth_rate, growth_rate, bn_size, norm_layer, act_layer,

@@ -28,9 +28,10 @@ its weight):
   :meth:`ExpertConv2d.choose_strategy`; the measurements behind it are in docs/benchmarks.md
   ("The strategy="auto" rule", re-measured by ``benchmarks/bench_dynamic_conv.py --strategies``).
 
-While exporting (``torch.export``, and so the ONNX exporter) the ``"mix"`` strategy is always
-used: ONNX ``Conv``'s ``group`` attribute is a constant, so a grouped convolution whose group
-count is the batch size cannot have a dynamic batch.
+While exporting (``torch.export``, and so the ONNX exporter) or tracing (``torch.jit.trace``) the
+``"mix"`` strategy is always used: ONNX ``Conv``'s ``group`` attribute and a traced graph's
+constants cannot follow the batch size, so a grouped convolution whose group count is the batch
+size would not generalise to other batch sizes. An empty batch uses ``"mix"`` too.
 """
 
 from __future__ import annotations
@@ -44,7 +45,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.counting import map_elements
-from ..core.validation import check_positive_int
+from ..core.validation import (
+    check_bool,
+    check_choice,
+    check_fraction,
+    check_non_negative_int,
+    check_positive_int,
+    check_positive_number,
+)
 from ..layers import LayerSpec, create_act, create_norm, same_padding
 from ..registry import register_block
 from .base import Block, ExplainKey
@@ -145,6 +153,8 @@ class ExpertConv2d(Block):
         self.dilation = check_positive_int(name, "dilation", dilation)
         self.groups = check_positive_int(name, "groups", groups)
         self.num_experts = check_positive_int(name, "num_experts", num_experts)
+        check_bool(name, "bias", bias)
+        self.strategy = check_choice(name, "strategy", strategy, STRATEGIES)
         self.require(
             in_channels % groups == 0 and self.out_channels % groups == 0,
             f"groups ({groups}) must divide in_channels ({in_channels}) and out_channels "
@@ -164,9 +174,6 @@ class ExpertConv2d(Block):
             f"padding must be 'same', 'tf_same' or a non-negative integer, got {padding!r}",
         )
         self.padding = padding
-        self.require(strategy in STRATEGIES, f"strategy must be one of {STRATEGIES}, got "
-                     f"{strategy!r}")
-        self.strategy = strategy
         self.weight = nn.Parameter(
             torch.empty(num_experts * self.out_channels, in_channels // groups, kernel_size,
                         kernel_size)
@@ -205,8 +212,13 @@ class ExpertConv2d(Block):
         )
 
     def choose_strategy(self, x: torch.Tensor) -> str:
-        """``"aggregate"`` or ``"mix"`` for input ``x`` (see the module docstring for the rule)."""
-        if _exporting():
+        """``"aggregate"`` or ``"mix"`` for input ``x`` (see the module docstring for the rule).
+
+        ``"mix"`` while exporting or tracing (``torch.jit.trace``), where a group count taken
+        from the batch size would be baked into the graph, and for an empty batch (no
+        convolution has zero groups).
+        """
+        if _exporting() or torch.jit.is_tracing() or x.shape[0] == 0:
             return "mix"
         if self.strategy != "auto":
             return self.strategy
@@ -260,7 +272,7 @@ class ExpertConv2d(Block):
             bias = self.bias.reshape(k, g, c_out // g).transpose(0, 1).reshape(-1)
         y = self._conv(x, weight, bias, g)  # (N, g * K * C_out/g, H', W')
         n, _, oh, ow = y.shape
-        y = torch.matmul(routing.reshape(-1, 1, 1, k), y.reshape(n, g, k, -1))
+        y = torch.matmul(routing.reshape(-1, 1, 1, k), y.reshape(n, g, k, c_out // g * oh * ow))
         return y.reshape(n, c_out, oh, ow)
 
     def extra_flops(self, x: torch.Tensor) -> int:
@@ -365,12 +377,11 @@ class DynamicConv2d(ExpertConv2d):
             kernel_size=kernel_size, padding=padding, dilation=dilation, groups=groups,
             bias=bias, strategy=strategy,
         )
-        self.require(reduction > 0, f"reduction must be positive, got {reduction}")
-        self.require(attention_width in ATTENTION_WIDTHS, f"attention_width must be one of "
-                     f"{ATTENTION_WIDTHS}, got {attention_width!r}")
-        self.require(_valid_temperature(temperature),
-                     f"temperature must be a positive finite number, got {temperature!r}")
-        self.temperature = float(temperature)
+        name = type(self).__name__
+        check_positive_number(name, "reduction", reduction)
+        check_choice(name, "attention_width", attention_width, ATTENTION_WIDTHS)
+        check_bool(name, "attention_bias", attention_bias)
+        self.temperature = float(check_positive_number(name, "temperature", temperature))
         if attention_width == "paper":
             self.hidden_channels = max(int(in_channels / reduction), num_experts)
         else:
@@ -447,6 +458,7 @@ class DynamicConvBnAct(Block):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(in_channels, out_channels, stride)
+        self.check_layers(norm_layer=norm_layer, act_layer=act_layer)
         self.conv = DynamicConv2d(
             in_channels, self.out_channels, stride, kernel_size=kernel_size, dilation=dilation,
             groups=groups, bias=False, num_experts=num_experts, temperature=temperature,
@@ -513,7 +525,7 @@ class CondConv2d(ExpertConv2d):
             kernel_size=kernel_size, padding=padding, dilation=dilation, groups=groups,
             bias=bias, strategy=strategy,
         )
-        self.require(0.0 <= dropout < 1.0, f"dropout must be in [0, 1), got {dropout}")
+        check_fraction(type(self).__name__, "dropout", dropout)
         self.routing_dropout = nn.Dropout(dropout)
         self.routing_fn = nn.Linear(in_channels, num_experts)
         self.place(device, dtype)
@@ -552,16 +564,22 @@ class CondConv2d(ExpertConv2d):
         if routing_weights is None:
             routing_weights = self.routing(x)
         else:
-            self._check_routing(routing_weights, x.shape[0])
+            self._check_routing(routing_weights, x)
         return self.mixture_conv(x, routing_weights)
 
-    def _check_routing(self, routing: object, batch: int) -> None:
+    def _check_routing(self, routing: object, x: torch.Tensor) -> None:
+        batch = x.shape[0]
         e = self.num_experts
         if not isinstance(routing, torch.Tensor) or not routing.is_floating_point():
             got = routing.dtype if isinstance(routing, torch.Tensor) else type(routing).__name__
             raise ValueError(
                 f"CondConv2d: routing_weights must be a floating-point tensor of shape "
                 f"({batch}, {e}) or (1, {e}), got {got}"
+            )
+        if routing.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(
+                f"CondConv2d: routing_weights must have the input's dtype {x.dtype} outside "
+                f"autocast, got {routing.dtype}"
             )
         if routing.dim() != 2 or routing.shape[0] not in (1, batch) or routing.shape[1] != e:
             raise ValueError(
@@ -570,19 +588,12 @@ class CondConv2d(ExpertConv2d):
             )
 
 
-def _valid_temperature(t: object) -> bool:
-    return (
-        isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t > 0
-    )
-
-
 def set_temperature(model: nn.Module, temperature: float) -> int:
     """Set the softmax temperature of every :class:`DynamicConv2d` in ``model`` (itself included).
 
     Returns how many were set; a non-positive or non-finite temperature is a ``ValueError``.
     """
-    if not _valid_temperature(temperature):
-        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    check_positive_number("set_temperature", "temperature", temperature)
     count = 0
     for module in model.modules():
         if isinstance(module, DynamicConv2d):
@@ -613,11 +624,8 @@ class TemperatureSchedule:
         end: float = DY_CONV_TEMPERATURE.end,
         epochs: int = DY_CONV_TEMPERATURE.epochs,
     ) -> None:
-        for name, t in (("start", start), ("end", end)):
-            if not _valid_temperature(t):
-                raise ValueError(
-                    f"TemperatureSchedule: {name} must be a positive finite number, got {t!r}"
-                )
+        check_positive_number("TemperatureSchedule", "start", start)
+        check_positive_number("TemperatureSchedule", "end", end)
         check_positive_int("TemperatureSchedule", "epochs", epochs)
         if not any(isinstance(m, DynamicConv2d) for m in model.modules()):
             raise ValueError("TemperatureSchedule: the model holds no DynamicConv2d")
@@ -630,10 +638,7 @@ class TemperatureSchedule:
 
     def temperature_at(self, epoch: int) -> float:
         """The temperature of (0-based) ``epoch``."""
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-            raise ValueError(
-                f"TemperatureSchedule: epoch must be a non-negative integer, got {epoch!r}"
-            )
+        check_non_negative_int("TemperatureSchedule", "epoch", epoch)
         return self.start + (self.end - self.start) * min(epoch, self.epochs) / self.epochs
 
     def step(self, epoch: int | None = None) -> float:

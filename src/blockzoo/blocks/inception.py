@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..core.validation import check_positive_int
+from ..core.validation import check_bool, check_positive_int
 from ..layers import ConvNormAct, LayerSpec, make_divisible
 from ..registry import register_block
 from .base import Block
@@ -89,6 +89,8 @@ class Inception(Block):
     ) -> None:
         super().__init__(in_channels, out_channels, stride)
         name = type(self).__name__
+        check_bool(name, "naive", naive)
+        self.check_layers(norm_layer=norm_layer, act_layer=act_layer)
         given = {
             "ch1x1": ch1x1, "ch3x3red": ch3x3red, "ch3x3": ch3x3,
             "ch5x5red": ch5x5red, "ch5x5": ch5x5, "pool_proj": pool_proj,

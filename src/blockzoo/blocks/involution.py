@@ -22,6 +22,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ..core.counting import map_elements
+from ..core.validation import check_positive_int
 from ..layers import ConvNormAct, LayerSpec
 from ..ops import involution_aggregate, use_fast_path
 from ..registry import register_block
@@ -47,8 +48,7 @@ def _check_operands(x: torch.Tensor, kernel: torch.Tensor, stride: int) -> tuple
             f"involution2d: the {x.shape[1]} channels of x are not divisible by the "
             f"{groups} kernel groups"
         )
-    if not isinstance(stride, int) or stride < 1:
-        raise ValueError(f"involution2d: stride must be a positive integer, got {stride!r}")
+    check_positive_int("involution2d", "stride", stride)
     sizes = (*x.shape[2:], *kernel.shape[4:])
     if all(isinstance(size, int) for size in sizes):
         expected = (-(-sizes[0] // stride), -(-sizes[1] // stride))
@@ -249,17 +249,16 @@ class Involution(Block):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(in_channels, out_channels, stride)
+        name = type(self).__name__
+        check_positive_int(name, "kernel_size", kernel_size, odd=True)
+        check_positive_int(name, "group_channels", group_channels)
         self.require(
-            isinstance(kernel_size, int) and kernel_size >= 1 and kernel_size % 2 == 1,
-            f"kernel_size must be a positive odd integer, got {kernel_size!r}",
-        )
-        self.require(
-            isinstance(group_channels, int) and group_channels >= 1
-            and in_channels % group_channels == 0,
+            in_channels % group_channels == 0,
             f"in_channels ({in_channels}) must be a multiple of group_channels "
             f"({group_channels!r}): G = channels / group_channels kernel groups",
         )
-        self.require(reduction >= 1, f"reduction must be at least 1, got {reduction}")
+        check_positive_int(name, "reduction", reduction)
+        self.check_layers(act_layer=act_layer, norm_layer=norm_layer)
         self.kernel_size = kernel_size
         self.group_channels = group_channels
         self.groups = in_channels // group_channels

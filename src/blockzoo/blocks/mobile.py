@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..core.counting import map_elements
+from ..core.validation import check_positive_number
 from ..layers import LayerSpec
 from ..registry import register_block
 from .base import Block
@@ -70,7 +71,8 @@ class InvertedResidual(Block):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(in_channels, out_channels, stride)
-        self.require(expand_ratio > 0, f"expand_ratio must be positive, got {expand_ratio}")
+        check_positive_number(type(self).__name__, "expand_ratio", expand_ratio)
+        self.check_layers(act_layer=act_layer, norm_layer=norm_layer)
         hidden = round(in_channels * expand_ratio)
         self.require(hidden >= 1, f"round({in_channels} * {expand_ratio}) gives no channels")
         self.hidden_channels = hidden

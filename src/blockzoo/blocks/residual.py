@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn.modules.module import _global_forward_hooks
 
 from ..core.counting import map_elements
+from ..core.validation import check_bool, check_options, check_positive_int, close_matches
 from ..layers import ConvNormAct, LayerNorm2d, LayerSpec, create_act
 from ..registry import block_info, create_block, list_blocks, register_block
 from .base import Block
@@ -39,8 +40,8 @@ def _registered(block: Block, option: str, name: str, kind: str) -> None:
     """Raise a ``ValueError`` naming ``block`` unless ``name`` is a registered ``kind`` block."""
     try:
         found = f"a block of kind {block_info(name).kind!r}"
-    except KeyError:
-        found = "not a registered block"
+    except (KeyError, TypeError):
+        found = "not a registered block" + close_matches(str(name), list_blocks(kind))
     block.require(
         found == f"a block of kind {kind!r}",
         f"{option} must name a registered {kind}-kind block (one of {list_blocks(kind)}), "
@@ -55,11 +56,12 @@ def attention_block(
 
     Raises a ``ValueError`` naming ``block`` when ``attention`` is not an attention-kind block.
     """
+    kwargs = check_options(type(block).__name__, "attention_kwargs", kwargs)
     if attention is None:
         block.require(not kwargs, f"attention_kwargs {kwargs} given without an attention block")
         return nn.Identity()
     _registered(block, "attention", attention, "attention")
-    return create_block(attention, channels, **(kwargs or {}))
+    return create_block(attention, channels, **kwargs)
 
 
 def bottleneck_width(
@@ -75,13 +77,10 @@ def bottleneck_width(
     expansion``: ResNet (``cardinality=1, base_width=64``) gives ``out / 4``; ResNeXt 32x4d gives
     ``4 * 32 = 128`` for ``out = 256``. Every group must get at least one channel.
     """
-    for name, value in (
-        ("expansion", expansion), ("cardinality", cardinality), ("base_width", base_width)
-    ):
-        block.require(
-            isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-            f"{name} must be a positive integer, got {value!r}",
-        )
+    owner = type(block).__name__
+    check_positive_int(owner, "expansion", expansion)
+    check_positive_int(owner, "cardinality", cardinality)
+    check_positive_int(owner, "base_width", base_width)
     per_group = out_channels * base_width // (expansion * 64)
     block.require(
         per_group >= 1,
@@ -113,6 +112,7 @@ def conv_unit(
     win. A grouped conv needs a block that takes ``groups``. This is the one conv-swap mechanism
     of the networks: the bottleneck's 3x3 conv and every conv of the inverted residual block.
     """
+    conv_kwargs = check_options(type(block).__name__, "conv_kwargs", conv_kwargs)
     if conv is None:
         block.require(not conv_kwargs, f"conv_kwargs {conv_kwargs} given without a conv block")
         module = None
@@ -127,7 +127,7 @@ def conv_unit(
         )
         kwargs = {k: v for k, v in geometry.items() if k in accepted}
         module = create_block(conv, in_channels, out_channels, stride,
-                              **{**kwargs, **(conv_kwargs or {})})
+                              **{**kwargs, **conv_kwargs})
     return ConvNormAct(in_channels, out_channels, kernel_size, stride, groups=groups,
                        norm_layer=norm_layer, act_layer=act_layer, conv=module)
 
@@ -150,6 +150,8 @@ def bottleneck_body(
     :func:`conv_unit`); the norm and activation follow it unless ``conv_norm_act=False`` (for
     conv blocks that end in their own norm and activation, as SKNet's selective-kernel conv does).
     """
+    check_bool(type(block).__name__, "conv_norm_act", conv_norm_act)
+    block.check_layers(act_layer=act_layer, norm_layer=norm_layer)
     block.require(conv_norm_act or conv is not None,
                   "conv_norm_act=False needs a conv block (conv=...)")
     keep = conv_norm_act
@@ -244,6 +246,7 @@ class ResidualBlock(Block):
         act_layer: LayerSpec,
         norm_layer: LayerSpec,
     ) -> None:
+        check_bool(type(self).__name__, "zero_init_last", zero_init_last)
         self.body = body
         self.attention = attention_block(self, attention, self.out_channels, attention_kwargs)
         self.shortcut = residual_shortcut(self, norm_layer)
@@ -418,6 +421,7 @@ class BasicResidual(ResidualBlock):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(in_channels, out_channels, stride)
+        self.check_layers(act_layer=act_layer, norm_layer=norm_layer)
         out = self.out_channels
         body = nn.Sequential(OrderedDict(
             conv1=ConvNormAct(

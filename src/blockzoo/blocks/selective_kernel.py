@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..core.counting import map_elements
+from ..core.validation import check_positive_int, check_positive_number
 from ..layers import ConvNormAct, LayerSpec, create_act
 from ..registry import register_block
 from .base import Block, ExplainKey
@@ -93,31 +94,28 @@ class SKConv(Block):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(in_channels, out_channels, stride)
+        name = type(self).__name__
         if kernel_sizes is None:
-            num = 2 if M is None else M
-            self.require(
-                isinstance(num, int) and num >= 1, f"M must be a positive integer, got {M!r}"
-            )
+            num = check_positive_int(name, "M", 2 if M is None else M)
             specs = [(3, m) for m in range(1, num + 1)]
         else:
-            kernel_sizes = tuple(kernel_sizes)
             self.require(
-                len(kernel_sizes) > 0
-                and all(isinstance(k, int) and k >= 1 and k % 2 == 1 for k in kernel_sizes),
-                f"kernel_sizes must be positive odd integers, got {kernel_sizes}",
+                isinstance(kernel_sizes, (tuple, list)) and len(kernel_sizes) > 0,
+                f"kernel_sizes must be a non-empty sequence of positive odd integers, got "
+                f"{kernel_sizes!r}",
+            )
+            kernel_sizes = tuple(
+                check_positive_int(name, "kernel_sizes", k, odd=True) for k in kernel_sizes
             )
             self.require(
                 M in (None, len(kernel_sizes)),
                 f"M ({M}) disagrees with kernel_sizes {kernel_sizes}; leave M unset",
             )
             specs = [(k, 1) for k in kernel_sizes]
-        self.require(
-            isinstance(groups, int) and groups >= 1, f"groups must be positive, got {groups!r}"
-        )
-        self.require(reduction > 0, f"reduction must be positive, got {reduction}")
-        self.require(
-            isinstance(min_dim, int) and min_dim >= 1, f"min_dim must be positive, got {min_dim!r}"
-        )
+        check_positive_int(name, "groups", groups)
+        check_positive_number(name, "reduction", reduction)
+        check_positive_int(name, "min_dim", min_dim)
+        self.check_layers(act_layer=act_layer, norm_layer=norm_layer)
         out = self.out_channels
         self.M = len(specs)
         self.groups = clamp_groups(groups, in_channels, out)
@@ -213,9 +211,8 @@ class SKUnit(Block):
         super().__init__(in_channels, out_channels, stride)
         out = self.out_channels
         mid = max(1, out // 2) if mid_channels is None else mid_channels
-        self.require(
-            isinstance(mid, int) and mid >= 1, f"mid_channels must be positive, got {mid!r}"
-        )
+        check_positive_int(type(self).__name__, "mid_channels", mid)
+        self.check_layers(act_layer=act_layer, norm_layer=norm_layer)
         self.mid_channels = mid
         self.conv1 = ConvNormAct(in_channels, mid, 1, norm_layer=norm_layer, act_layer=act_layer)
         self.sk = SKConv(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ..core.validation import check_positive_int
 from ..layers import ConvNormAct, LayerSpec
 from ..registry import register_block
 from .base import Block
@@ -71,18 +72,12 @@ class SeparableConv(Block):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(in_channels, out_channels, stride)
-        self.require(
-            isinstance(kernel_size, int) and kernel_size >= 1 and kernel_size % 2 == 1,
-            f"kernel_size must be a positive odd integer, got {kernel_size!r}",
-        )
-        self.require(
-            isinstance(dilation, int) and dilation >= 1,
-            f"dilation must be a positive integer, got {dilation!r}",
-        )
-        self.require(
-            isinstance(depth_multiplier, int) and depth_multiplier >= 1,
-            f"depth_multiplier must be a positive integer, got {depth_multiplier!r}",
-        )
+        name = type(self).__name__
+        check_positive_int(name, "kernel_size", kernel_size, odd=True)
+        check_positive_int(name, "dilation", dilation)
+        check_positive_int(name, "depth_multiplier", depth_multiplier)
+        self.check_layers(norm_layer=norm_layer, act_layer=act_layer,
+                          mid_norm_layer=mid_norm_layer, mid_act_layer=mid_act_layer)
         mid = in_channels * depth_multiplier
         self.kernel_size = kernel_size
         self.dilation = dilation

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.validation import check_positive_int
 from ..layers import ConvNormAct, LayerSpec, create_act, create_norm
 from ..registry import register_block
 from .base import Block
@@ -79,9 +80,8 @@ class SPDConv(Block):
             stride >= 2,
             f"stride is the space-to-depth scale and must be at least 2, got {stride}",
         )
-        self.require(
-            kernel_size % 2 == 1, f"kernel_size must be odd (1 or 3), got {kernel_size}"
-        )
+        check_positive_int(type(self).__name__, "kernel_size", kernel_size, odd=True)
+        self.check_layers(act_layer=act_layer, norm_layer=norm_layer)
         self.conv = ConvNormAct(
             in_channels * stride * stride,
             self.out_channels,
@@ -145,6 +145,7 @@ class SPDBottleneck(ResidualBlock):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(in_channels, out_channels, stride)
+        self.check_layers(act_layer=act_layer, norm_layer=norm_layer)
         width = bottleneck_width(self, self.out_channels, expansion, 1, 64)
         self.width = width
         if self.stride == 1:

@@ -33,7 +33,7 @@ does not call it). Ultralytics is AGPL-3.0 licensed; blockzoo only imports it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from copy import deepcopy
 from typing import Any
 
@@ -47,6 +47,7 @@ except ImportError as err:  # pragma: no cover - exercised only without the opti
         "blockzoo.integrations.ultralytics needs Ultralytics: pip install 'blockzoo[yolo]'"
     ) from err
 
+from ..core.validation import close_matches
 from ..registry import block_info, create_block, list_blocks
 
 PREFIX = "bz."
@@ -86,7 +87,8 @@ def _layer_args(i: int, name: str, args: list) -> tuple[int | None, int | None, 
     args = list(args)
     options = args.pop() if args and isinstance(args[-1], dict) else {}
     if len(args) > 2 or any(
-        not (a is None or (isinstance(a, int) and not isinstance(a, bool))) for a in args
+        not (a is None or (isinstance(a, int) and not isinstance(a, bool) and a >= 1))
+        for a in args
     ):
         raise ValueError(usage)
     out_channels, stride = (args + [None, None])[:2]
@@ -104,18 +106,36 @@ def _placeholder_channels(module: nn.Module) -> tuple[int, int, int]:
     return repeats, first.conv.in_channels, first.conv.out_channels
 
 
-def _build(i: int, name: str, out_given: bool, stride: int | None, options: dict,
-           placeholder: nn.Module) -> nn.Module:
+def _scaling(d: dict, yaml_out: int, c2: int) -> str:
+    """How Ultralytics turned a row's ``yaml_out`` channels into ``c2`` (empty if unchanged)."""
+    if yaml_out == c2:
+        return ""
+    _, width, max_channels = _scale(d)
+    capped = f"min({yaml_out}, {max_channels})" if max_channels < yaml_out else f"{yaml_out}"
+    return (f"; the YAML's {yaml_out} output channels are {c2} in this model: width multiple "
+            f"{width} gives make_divisible({capped} * {width}, 8) = {c2}")
+
+
+def _build(i: int, module: str, name: str, out: int | None, stride: int | None, options: dict,
+           placeholder: nn.Module, d: dict) -> nn.Module:
     repeats, c1, c2 = _placeholder_channels(placeholder)
     blocks = []
     for k in range(repeats):
         cin = c1 if k == 0 else c2
-        block = create_block(name, cin, c2 if out_given else None, stride=stride, **options)
+        try:
+            block = create_block(name, cin, None if out is None else c2, stride=stride, **options)
+        except (ValueError, TypeError, KeyError) as err:
+            message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+            hint = "" if out is None else _scaling(d, out, c2)
+            if out is not None and c2 != cin and block_info(name).width == "same":
+                hint += (f"; its input has {cin} channels, which it keeps: leave the output "
+                         f"channels out ([])")
+            raise ValueError(f"layer {i} ({module}): {message}{hint}") from err
         if block.out_channels != c2:
             raise ValueError(
-                f"layer {i} ({name}): the block maps {cin} to {block.out_channels} channels; give "
-                f"its output channels as the first argument so that Ultralytics can size the "
-                f"next layers"
+                f"layer {i} ({module}): the block maps {cin} to {block.out_channels} channels; "
+                f"give its output channels as the first argument so that Ultralytics can size "
+                f"the next layers"
             )
         blocks.append(block)
     module = blocks[0] if repeats == 1 else nn.Sequential(*blocks)
@@ -126,17 +146,18 @@ def _build(i: int, name: str, out_given: bool, stride: int | None, options: dict
     return module
 
 
-def _depth(d: dict) -> float:
-    """The model's depth multiplier, chosen as Ultralytics' ``parse_model`` chooses it."""
+def _scale(d: dict) -> tuple[float, float, float]:
+    """``(depth, width, max_channels)`` of the model, chosen as Ultralytics' ``parse_model``
+    chooses them."""
     scales = d.get("scales")
     if scales:
-        return scales[d.get("scale") or next(iter(scales))][0]
-    return d.get("depth_multiple", 1.0)
+        return tuple(scales[d.get("scale") or next(iter(scales))])
+    return d.get("depth_multiple", 1.0), d.get("width_multiple", 1.0), float("inf")
 
 
 def _log_table(d: dict, model: nn.Sequential, rows: list, resolved: dict[int, list]) -> None:
     """Ultralytics' layer table; arguments as in the YAML, resolved ones for blockzoo rows."""
-    depth = _depth(d)
+    depth = _scale(d)[0]
     LOGGER.info(f"\n{'':>3}{'from':>20}{'n':>3}{'params':>10}  {'module':<45}{'arguments':<30}")
     for i, (m, (f, n, _, args)) in enumerate(zip(model, rows, strict=True)):
         n = max(round(n * depth), 1) if n > 1 else n
@@ -144,27 +165,48 @@ def _log_table(d: dict, model: nn.Sequential, rows: list, resolved: dict[int, li
         LOGGER.info(f"{i:>3}{f!s:>20}{n:>3}{m.np:10.0f}  {m.type:<45}{shown!s:<30}")
 
 
+def _ultralytics_modules() -> list[str]:
+    """The module names a YAML row may use without blockzoo (``nn.*`` aside)."""
+    return [k for k, v in vars(_tasks).items() if isinstance(v, type) and issubclass(v, nn.Module)]
+
+
+def _check_known(i: int, module: object, names: dict[str, str]) -> None:
+    """Refuse a row's module name that neither Ultralytics nor blockzoo defines, with the
+    closest names of both (Ultralytics itself fails with a bare ``KeyError``)."""
+    if not isinstance(module, str) or module in names or module in vars(_tasks):
+        return
+    if module.startswith(("nn.", "torchvision.ops.")):
+        return
+    hint = close_matches(module, [*names, *_ultralytics_modules()])
+    raise ValueError(
+        f"layer {i}: unknown module {module!r}{hint} (blockzoo names: "
+        f"blockzoo.integrations.ultralytics.yaml_names(); Ultralytics' own modules are the "
+        f"classes of ultralytics.nn.tasks)"
+    )
+
+
 def _parse_model(original: Callable, d: dict, ch: int, verbose: bool = True) -> tuple:
     names = yaml_names()
     d = deepcopy(d)
     rows = d["backbone"] + d["head"]
     yaml_rows = deepcopy(rows)
-    ours: dict[int, tuple[str, bool, int | None, dict]] = {}
+    ours: dict[int, tuple[str, str, int | None, int | None, dict]] = {}
     for i, row in enumerate(rows):
         f, _, m, args = row
+        _check_known(i, m, names)
         if not (isinstance(m, str) and m in names):
             continue
         name = names[m]
         if not isinstance(f, int):
             raise ValueError(f"layer {i} ({m}): a blockzoo block takes one input, got from={f!r}")
         out_channels, stride, options = _layer_args(i, m, args)
-        ours[i] = (name, out_channels is not None, stride, options)
+        ours[i] = (m, name, out_channels, stride, options)
         # The placeholder makes Ultralytics compute this row's channels with its own rules.
         row[2], row[3] = ("Conv", [out_channels]) if out_channels else ("nn.BatchNorm2d", [])
     model, save = original(d, ch, verbose=verbose and not ours)
     resolved = {}
-    for i, (name, out_given, stride, options) in ours.items():
-        model[i] = _build(i, name, out_given, stride, options, model[i])
+    for i, (module, name, out_channels, stride, options) in ours.items():
+        model[i] = _build(i, module, name, out_channels, stride, options, model[i], d)
         block = model[i][0] if isinstance(model[i], nn.Sequential) else model[i]
         resolved[i] = [name, block.in_channels, block.out_channels, block.stride, options]
     if verbose and ours:
@@ -197,5 +239,27 @@ def is_registered() -> bool:
     return hasattr(_tasks.parse_model, _MARK)
 
 
-__all__ = ["PREFIX", "is_registered", "register", "unregister", "yaml_names"]
+def run_cli(args: Sequence[str]) -> None:
+    """Run Ultralytics' own command line (``yolo ARGS``) with the blockzoo blocks registered.
+
+    ``args`` are exactly what follows ``yolo``: ``["detect", "train", "model=my.yaml",
+    "data=data.yaml", "epochs=1"]``; every mode (train, val, predict, export, ...) and option
+    is Ultralytics'. This is ``blockzoo yolo ...``. Arguments are handed over as a list, so
+    values with spaces survive. A malformed argument, which Ultralytics reports as a
+    ``SyntaxError`` followed by its help text, becomes a ``ValueError`` with the first line.
+    """
+    from ultralytics import cfg
+
+    register()
+    saved = cfg.ARGV
+    cfg.ARGV = ["yolo", *args]  # Ultralytics' entrypoint reads its arguments from here
+    try:
+        cfg.entrypoint()
+    except SyntaxError as err:
+        raise ValueError(str(err).strip().splitlines()[0]) from err
+    finally:
+        cfg.ARGV = saved
+
+
+__all__ = ["PREFIX", "is_registered", "register", "run_cli", "unregister", "yaml_names"]
 

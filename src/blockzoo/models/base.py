@@ -22,7 +22,14 @@ from torch.nn.modules.module import (
 )
 
 from ..blocks.base import check_input, named_open_modules
-from ..core.validation import require
+from ..core.validation import (
+    check_bool,
+    check_choice,
+    check_fraction,
+    check_non_negative_int,
+    check_positive_int,
+    require,
+)
 from ..layers import ConvNormAct
 
 #: Global pooling types of the head (timm's names): average, max, their mean, or none (``""``:
@@ -33,13 +40,13 @@ GLOBAL_POOLS = ("avg", "max", "avgmax", "")
 
 def check_positive_ints(owner: str, name: str, values: Sequence[int], length: int) -> tuple:
     """``values`` as a tuple of ``length`` positive ints, else a ``ValueError`` naming ``owner``."""
+    require(owner, isinstance(values, Sequence) and not isinstance(values, str),
+            f"{name} must be {length} positive integers, got {values!r}")
     values = tuple(values)
-    require(
-        owner,
-        len(values) == length
-        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values),
-        f"{name} must be {length} positive integers, got {values!r}",
-    )
+    require(owner, len(values) == length,
+            f"{name} must be {length} positive integers, got {values!r}")
+    for value in values:
+        check_positive_int(owner, name, value)
     return values
 
 
@@ -133,13 +140,12 @@ class StagedNet(nn.Module):
     ) -> None:
         super().__init__()
         owner = type(self).__name__
-        check_positive_ints(owner, "in_chans", (in_chans,), 1)
+        check_positive_int(owner, "in_chans", in_chans)
         self._check_head(num_classes, global_pool)
-        require(owner, isinstance(features_only, bool),
-                 f"features_only must be a bool, got {features_only!r}")
+        check_bool(owner, "features_only", features_only)
         require(owner, features_only or out_indices is None,
-                 "out_indices selects the outputs of features_only=True; it was given without it")
-        require(owner, 0.0 <= drop_rate < 1.0, f"drop_rate must be in [0, 1), got {drop_rate}")
+                "out_indices selects the outputs of features_only=True; it was given without it")
+        check_fraction(owner, "drop_rate", drop_rate)
         require(owner, len(stages) == len(stage_strides) >= 1,
                  f"needs at least one stage and one stride per stage, got {len(stages)} stages "
                  f"and strides {tuple(stage_strides)}")
@@ -176,16 +182,9 @@ class StagedNet(nn.Module):
 
     def _check_head(self, num_classes: int, global_pool: str | None) -> None:
         owner = type(self).__name__
-        require(
-            owner,
-            isinstance(num_classes, int) and not isinstance(num_classes, bool)
-            and num_classes >= 0,
-            f"num_classes must be a non-negative integer, got {num_classes!r}",
-        )
-        if global_pool is None:
-            return
-        require(owner, global_pool in GLOBAL_POOLS,
-                 f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
+        check_non_negative_int(owner, "num_classes", num_classes)
+        if global_pool is not None:
+            check_choice(owner, "global_pool", global_pool, GLOBAL_POOLS)
 
     def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The outputs of every built stage, at strides ``feature_strides``."""

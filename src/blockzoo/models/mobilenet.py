@@ -18,7 +18,8 @@ from typing import Any
 from torch import nn
 
 from ..blocks.mobile import InvertedResidual
-from ..layers import ConvNormAct, LayerSpec, make_divisible
+from ..core.validation import check_bool, check_positive_int, check_positive_number
+from ..layers import ConvNormAct, LayerSpec, check_layers, make_divisible
 from .base import StagedNet, init_conv_norm_act
 from .pretrained import ReleasedWeights
 from .registry import default_cfg, register_model
@@ -82,8 +83,13 @@ class MobileNetV2(StagedNet):
         out_indices: Sequence[int] | None = None,
         global_pool: str = "avg",
     ) -> None:
-        if width_mult <= 0:
-            raise ValueError(f"MobileNetV2: width_mult must be positive, got {width_mult}")
+        owner = type(self).__name__
+        check_positive_int(owner, "in_chans", in_chans)
+        check_positive_number(owner, "width_mult", width_mult)
+        check_positive_int(owner, "stem_width", stem_width)
+        check_positive_int(owner, "last_channels", last_channels)
+        check_bool(owner, "attention_on_t1", attention_on_t1)
+        check_layers(owner, act_layer=act_layer, norm_layer=norm_layer)
         norm_act = dict(norm_layer=norm_layer, act_layer=act_layer)
         cin = make_divisible(stem_width * width_mult, 8)
         stem = ConvNormAct(in_chans, cin, 3, 2, **norm_act)

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..blocks.spd import SPDBottleneck
-from ..layers import ConvNormAct, LayerSpec, create_act, create_norm
+from ..core.validation import check_bool, check_positive_int
+from ..layers import ConvNormAct, LayerSpec, check_layers, create_act, create_norm
 from ..registry import block_info, create_block
 from .base import StagedNet, check_positive_ints, init_conv_norm_act
 from .pretrained import ReleasedWeights
@@ -208,7 +209,11 @@ class ResNetLike(StagedNet):
         if not set(attention_stages) <= set(range(n)):
             raise ValueError(f"{owner}: attention_stages must be stage indices in 0..{n - 1}, "
                              f"got {attention_stages}")
-        check_positive_ints(owner, "in_chans", (in_chans,), 1)
+        check_positive_int(owner, "in_chans", in_chans)
+        check_positive_int(owner, "stem_width", stem_width)
+        check_bool(owner, "conv_norm_act", conv_norm_act)
+        check_bool(owner, "zero_init_last", zero_init_last)
+        check_layers(owner, act_layer=act_layer, norm_layer=norm_layer)
         stem_module, stem_stride = make_stem(
             stem, in_chans, stem_width, act_layer=act_layer, norm_layer=norm_layer,
             pool=stem_pool,
