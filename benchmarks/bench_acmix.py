@@ -1,10 +1,20 @@
-"""ACmix: offset-by-offset window attention against the unfold reference, on CPU.
+"""ACmix on CPU: blockzoo's compiled window attention, the offset loop, the unfold form.
 
-Forward + backward time and peak memory of both attention implementations, measured in the same
-run, for the attention alone (``local_window_attention`` vs ``acmix_attention_unfold_reference``
-on given ``q, k, v, pe``) and for the whole ``ACmix`` block (projections, position encoding and
-conv path shared by both). Default case: batch 8, 64 -> 64 channels, 56 x 56, kernel_att 7,
-4 heads (head_dim 16), stride 1 and 2.
+Default output (``_versus_conv.py``): the ``ACmix`` block (C -> C, kernel_att 7, 4 heads) on the
+compiled attention (``blockzoo``), on the offset-by-offset loop it ran before (``before``) and
+with the authors' unfold attention (``unfold``), as ratios to a 3x3 conv + BN + ReLU at
+8x64x56x56 and 32x256x14x14, 1 and 2 threads, forward and forward + backward, with peak memory;
+then ``torch.compile`` against eager.
+
+    python benchmarks/bench_acmix.py            # the tables in docs/benchmarks.md (< 5 min)
+    python benchmarks/bench_acmix.py --quick    # a seconds-long smoke run
+    OMP_NUM_THREADS=1 python benchmarks/bench_acmix.py --versus-unfold   # the older table
+
+``--versus-unfold``: forward + backward time and peak memory of the offset loop and the unfold
+attention, measured in the same run, for the attention alone (``local_window_attention`` vs
+``acmix_attention_unfold_reference`` on given ``q, k, v, pe``) and for the whole ``ACmix`` block
+(projections, position encoding and conv path shared by both). Default case: batch 8, 64 -> 64
+channels, 56 x 56, kernel_att 7, 4 heads (head_dim 16), stride 1 and 2.
 
 Peak memory: the running sum of the CPU allocations and frees that ``torch.profiler``
 (``profile_memory=True``) records during one forward + backward (``peak_bytes`` in
@@ -22,12 +32,27 @@ from collections.abc import Callable
 
 import torch
 from _common import Step, cpu_model, peak_bytes, time_interleaved
+from _versus_conv import compile_table, conv_table, header
 
 import blockzoo as bz
+from blockzoo import ops
 from blockzoo.blocks import acmix
 from blockzoo.blocks.acmix import acmix_attention_unfold_reference, local_window_attention
 
 Attention = Callable[..., torch.Tensor]
+
+
+class UnfoldACmix(bz.ACmix):
+    """The ``ACmix`` block with the authors' unfold attention."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        acmix.local_window_attention = acmix_attention_unfold_reference
+        try:
+            return super().forward(x)
+        finally:
+            acmix.local_window_attention = local_window_attention
+
+
 IMPLS: dict[str, Attention] = {
     "offset loop": local_window_attention,
     "unfold": acmix_attention_unfold_reference,
@@ -45,7 +70,8 @@ def op_steps(n: int, c: int, size: int, k: int, head: int, stride: int) -> dict[
 
     def make(fn: Attention) -> Step:
         def step() -> None:
-            torch.autograd.grad(fn(*inputs, k, 1, stride).sum(), inputs)
+            with ops.fast_ops(False):
+                torch.autograd.grad(fn(*inputs, k, 1, stride).sum(), inputs)
 
         return step
 
@@ -61,7 +87,8 @@ def block_steps(n: int, c: int, size: int, k: int, head: int, stride: int) -> di
         def step() -> None:
             acmix.local_window_attention = fn  # what ACmix.forward calls
             try:
-                torch.autograd.grad(block(x).sum(), params)
+                with ops.fast_ops(False):
+                    torch.autograd.grad(block(x).sum(), params)
             finally:
                 acmix.local_window_attention = local_window_attention
 
@@ -73,12 +100,32 @@ def block_steps(n: int, c: int, size: int, k: int, head: int, stride: int) -> di
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=str, default="1,2", help="torch thread counts")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-compile", action="store_true", help="skip the compile table")
+    parser.add_argument("--versus-unfold", action="store_true", help="the older table")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    threads = tuple(int(t) for t in args.threads.split(","))
+    if args.versus_unfold:
+        versus_unfold(args.quick, threads[0], args.rounds)
+        return
+    impls = {
+        "blockzoo": (bz.ACmix, True),
+        "before": (bz.ACmix, False),
+        "unfold": (UnfoldACmix, False),
+    }
+    rounds = 1 if args.quick else args.rounds
+    header("ACmix (C -> C, kernel_att 7, 4 heads)", rounds)
+    conv_table(impls, threads, rounds, args.quick)
+    if not args.no_compile:
+        compile_table(bz.ACmix, threads[-1], rounds, args.quick)
+
+
+def versus_unfold(quick: bool, threads: int, repeats: int) -> None:
+    """The older table: offset loop against unfold, attention and block, fwd+bwd."""
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
-    n, c, size, k, repeats = (8, 64, 56, 7, args.repeats) if not args.quick else (1, 16, 12, 3, 1)
+    n, c, size, k, repeats = (8, 64, 56, 7, repeats) if not quick else (1, 16, 12, 3, 1)
     head = 4
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {cpu_model()}")

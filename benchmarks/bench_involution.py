@@ -1,17 +1,24 @@
-"""Involution: offset accumulation (``involution2d``) against the unfold reference, on CPU.
+"""Involution on CPU: blockzoo's compiled kernel, the PyTorch offset accumulation, the unfold form.
 
-Forward + backward time and peak memory of both implementations, measured in the same run, for
-the operator alone (the kernel given) and for the whole ``Involution`` block (kernel generation
-included, shared by both). Default case: batch 8, 64 channels, 56 x 56, K = 7, 16 channels per
-group (G = 4), stride 1 and 2.
+Default output (``_versus_conv.py``): the ``Involution`` block (K = 7, 16 channels per group) on
+the compiled kernel (``blockzoo``), on the offset accumulation it ran before (``before``) and with
+the authors' unfold aggregation (``unfold``), as ratios to a 3x3 conv + BN + ReLU, at
+8x64x56x56 and 32x256x14x14, 1 and 2 threads, forward and forward + backward, with peak memory;
+then ``torch.compile`` against eager.
+
+    python benchmarks/bench_involution.py            # the tables in docs/benchmarks.md (< 5 min)
+    python benchmarks/bench_involution.py --quick    # a seconds-long smoke run
+    OMP_NUM_THREADS=1 python benchmarks/bench_involution.py --versus-unfold   # the older table
+
+``--versus-unfold`` prints the older table: forward + backward time and peak memory of the
+offset accumulation and the unfold form, measured in the same run, for the operator alone (the
+kernel given) and for the whole ``Involution`` block (kernel generation included, shared by
+both): batch 8, 64 channels, 56 x 56, K = 7, G = 4, stride 1 and 2.
 
 Peak memory: the allocations and frees that ``torch.profiler`` (``profile_memory=True``) records
 on the CPU allocator during one forward + backward, summed in time order; the peak of that running
 sum is the extra memory the step needs (output, saved tensors, temporaries and gradients; the
 inputs and parameters, allocated before, are not counted).
-
-    OMP_NUM_THREADS=1 python benchmarks/bench_involution.py          # the table in the docs
-    python benchmarks/bench_involution.py --quick                    # a seconds-long smoke run
 """
 
 from __future__ import annotations
@@ -20,9 +27,23 @@ import argparse
 
 import torch
 from _common import Step, cpu_model, peak_bytes, time_interleaved
+from _versus_conv import compile_table, conv_table, header
+from torch import nn
 
 import blockzoo as bz
+from blockzoo import ops
 from blockzoo.blocks.involution import involution2d, involution_unfold_reference
+
+
+class UnfoldInvolution(nn.Module):
+    """The ``Involution`` block with the authors' unfold aggregation."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.block = bz.Involution(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return involution_unfold_reference(x, self.block.generate_kernel(x), self.block.stride)
 
 
 def op_steps(n: int, c: int, size: int, k: int, groups: int, stride: int) -> dict[str, Step]:
@@ -39,7 +60,11 @@ def op_steps(n: int, c: int, size: int, k: int, groups: int, stride: int) -> dic
 
         return step
 
-    return {"offset accumulation": make(involution2d), "unfold": make(involution_unfold_reference)}
+    def accumulation(*args) -> torch.Tensor:
+        with ops.fast_ops(False):
+            return involution2d(*args)
+
+    return {"offset accumulation": make(accumulation), "unfold": make(involution_unfold_reference)}
 
 
 def block_steps(n: int, c: int, size: int, k: int, stride: int) -> dict[str, Step]:
@@ -51,7 +76,8 @@ def block_steps(n: int, c: int, size: int, k: int, stride: int) -> dict[str, Ste
 
     def make(fn) -> Step:
         def step() -> None:
-            fn(x).sum().backward()
+            with ops.fast_ops(False):
+                fn(x).sum().backward()
             x.grad = None
             block.zero_grad(set_to_none=True)
 
@@ -63,12 +89,32 @@ def block_steps(n: int, c: int, size: int, k: int, stride: int) -> dict[str, Ste
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=str, default="1,2", help="torch thread counts")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-compile", action="store_true", help="skip the compile table")
+    parser.add_argument("--versus-unfold", action="store_true", help="the older table")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    threads = tuple(int(t) for t in args.threads.split(","))
+    if args.versus_unfold:
+        versus_unfold(args.quick, threads[0], args.rounds)
+        return
+    impls = {
+        "blockzoo": (bz.Involution, True),
+        "before": (bz.Involution, False),
+        "unfold": (UnfoldInvolution, False),
+    }
+    rounds = 1 if args.quick else args.rounds
+    header("Involution (K=7, 16 channels per group)", rounds)
+    conv_table(impls, threads, rounds, args.quick)
+    if not args.no_compile:
+        compile_table(bz.Involution, threads[-1], rounds, args.quick)
+
+
+def versus_unfold(quick: bool, threads: int, repeats: int) -> None:
+    """The older table: offset accumulation against unfold, operator and block, fwd+bwd."""
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
-    n, c, size, k, repeats = (8, 64, 56, 7, args.repeats) if not args.quick else (1, 32, 16, 3, 1)
+    n, c, size, k, repeats = (8, 64, 56, 7, repeats) if not quick else (1, 32, 16, 3, 1)
     groups = c // 16
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {cpu_model()}")

@@ -15,7 +15,8 @@ from torch.export import Dim
 from torchvision.ops import deform_conv2d
 
 import blockzoo as bz
-from blockzoo.blocks.deform import deform_conv2d_torch, uses_torchvision
+from blockzoo import ops
+from blockzoo.blocks.deform import deform_conv2d_torch, implementation, uses_torchvision
 
 # (C_in, C_out, H, W, kernel, stride, padding, dilation, groups, offset_groups, with mask)
 CASES = [
@@ -201,6 +202,17 @@ def test_trained_block_impls_agree(cls) -> None:
 
 def test_auto_impl_choice() -> None:
     x = torch.randn(1, 2, 3, 3)
+    with ops.fast_ops(True):
+        fast = "fast" if ops.fast_ops_available() else "torchvision"
+        assert implementation("auto", x) == fast
+        assert implementation("auto", x.double()) == fast
+        assert implementation("auto", x.half()) == "torchvision"
+        assert implementation("torchvision", x) == "torchvision"
+    with ops.fast_ops(False):
+        _check_auto_without_fast_ops(x)
+
+
+def _check_auto_without_fast_ops(x: torch.Tensor) -> None:
     assert uses_torchvision("auto", x)
     assert not uses_torchvision("auto", x.bfloat16())  # torchvision has no bfloat16 kernel
     assert uses_torchvision("torchvision", x.bfloat16()) and not uses_torchvision("torch", x)

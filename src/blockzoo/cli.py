@@ -51,6 +51,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"  contract: strides {strides}; {width}; torch.compile fullgraph: {compile_note}")
     if info.notes:
         print(f"  notes:    {info.notes}")
+    if getattr(info.cls, "compiled_kernels", False):
+        from .ops import path_description
+
+        print(f"  implementation: {path_description()}")
     print("  usage:")
     print("    import torch, blockzoo as bz")
     stride = f", stride={info.default_stride}" if info.default_stride != 1 else ""

@@ -4,14 +4,17 @@
 - Deformable ConvNets v2: More Deformable, Better Results, Zhu et al., CVPR 2019,
   arXiv 1811.11168
 
-The sampling itself is ``torchvision.ops.deform_conv2d``; :func:`deform_conv2d_torch` is the same
-operation written with PyTorch tensor ops (bilinear sampling by ``gather``), which exports to ONNX
-with dynamic shapes and has a deterministic backward on every device.
+The sampling runs on blockzoo's compiled CPU operator (:func:`blockzoo.ops.deform_conv2d`) where
+it is available, else on ``torchvision.ops.deform_conv2d``; :func:`deform_conv2d_torch` is the
+same operation written with PyTorch tensor ops (bilinear sampling by ``gather``), which exports to
+ONNX with dynamic shapes and has a deterministic backward on every device. Non-finite offsets
+sample outside the image on every path (:func:`blockzoo.ops.finite_offset`).
 """
 
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -20,6 +23,8 @@ from torchvision.ops import deform_conv2d as _tv_deform_conv2d
 
 from ..core.validation import check_bool, check_choice, check_positive_int
 from ..layers import same_padding
+from ..ops import deform_conv2d as _fast_deform_conv2d
+from ..ops import finite_offset, use_fast_path
 from ..registry import register_block
 from .base import Block, ExplainKey
 
@@ -113,28 +118,50 @@ def deform_conv2d_torch(
     return out
 
 
-def uses_torchvision(impl: str, x: torch.Tensor) -> bool:
-    """Whether ``impl`` runs ``torchvision.ops.deform_conv2d`` for input ``x``.
+def implementation(impl: str, x: torch.Tensor) -> str:
+    """The implementation ``impl`` runs for input ``x``: ``"fast"``, ``"torchvision"`` or
+    ``"torch"``.
 
-    ``"auto"`` takes torchvision except where it fails or is not what the caller asked for:
-    during ``torch.onnx.export`` (the op becomes ONNX ``DeformConv``, an opset-19 operator that
-    is not valid in the opset-18 graphs blockzoo exports), for bfloat16 inputs (torchvision's
-    kernels have no bfloat16), and under ``torch.use_deterministic_algorithms(True)`` on a
-    non-CPU device (torchvision's CUDA backward accumulates with ``atomicAdd`` without checking
-    the flag; its CPU backward is deterministic). ``torch.compile(fullgraph=True)`` works with
-    the torchvision op (it has meta kernels), so compiling keeps it.
+    ``"auto"`` takes blockzoo's compiled CPU operator where :func:`blockzoo.ops.use_fast_path`
+    allows it (CPU, float32/float64, numba installed and not switched off; it is deterministic
+    and a single custom operator for ``torch.compile``), else torchvision except where that fails
+    or is not what the caller asked for: during ``torch.onnx.export`` (the op becomes ONNX
+    ``DeformConv``, an opset-19 operator that is not valid in the opset-18 graphs blockzoo
+    exports), for bfloat16 inputs (torchvision's kernels have no bfloat16), and under
+    ``torch.use_deterministic_algorithms(True)`` on a non-CPU device (torchvision's CUDA backward
+    accumulates with ``atomicAdd`` without checking the flag; its CPU backward is deterministic).
+    ``torch.compile(fullgraph=True)`` works with the torchvision op (it has meta kernels), so
+    compiling keeps it.
     """
     if impl != "auto":
-        return impl == "torchvision"
+        return impl
+    if use_fast_path(x):
+        return "fast"
     if torch.onnx.is_in_onnx_export() or x.dtype == torch.bfloat16:
-        return False
-    return not (torch.are_deterministic_algorithms_enabled() and x.device.type != "cpu")
+        return "torch"
+    if torch.are_deterministic_algorithms_enabled() and x.device.type != "cpu":
+        return "torch"
+    return "torchvision"
+
+
+def uses_torchvision(impl: str, x: torch.Tensor) -> bool:
+    """Whether ``impl`` runs ``torchvision.ops.deform_conv2d`` for input ``x``
+    (see :func:`implementation`)."""
+    return implementation(impl, x) == "torchvision"
+
+
+_OPS = {
+    "fast": _fast_deform_conv2d,
+    "torchvision": _tv_deform_conv2d,
+    "torch": deform_conv2d_torch,
+}
 
 
 class _DeformConvBase(Block):
     """Shared body of :class:`DeformConv2d` and :class:`ModulatedDeformConv2d`."""
 
     allowed_strides = (1, 2)
+    compiled_kernels: ClassVar[bool] = True  # blockzoo.ops runs the sampling where it can
 
     modulated = False
 
@@ -223,7 +250,9 @@ class _DeformConvBase(Block):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         offset, mask = self.offsets(x)
-        op = _tv_deform_conv2d if uses_torchvision(self.impl, x) else deform_conv2d_torch
+        k = self.kernel_size
+        offset = finite_offset(offset, (k, k), self.stride, self.padding, self.dilation)
+        op = _OPS[implementation(self.impl, x)]
         return op(
             x, offset, self.weight, self.bias, stride=(self.stride, self.stride),
             padding=(self.padding, self.padding), dilation=(self.dilation, self.dilation),
@@ -260,15 +289,17 @@ class _DeformConvBase(Block):
 
         Bilinear sampling costs 4 multiply-adds per sampled value (plus 1 for the v2 mask):
         ``N * C_in * k * k * Ho * Wo`` values. With torchvision's op the convolution itself is
-        invisible too: ``N * C_out * Ho * Wo * C_in / groups * k * k`` multiply-adds (the
-        pure-PyTorch path does it with a matmul, which the counter sees).
+        invisible too, and so it is inside blockzoo's compiled operator (one custom op):
+        ``N * C_out * Ho * Wo * C_in / groups * k * k`` multiply-adds (the pure-PyTorch path does
+        it with a matmul, which the counter sees).
         """
         n, c, h, w = x.shape
         outputs = n * (-(-h // self.stride)) * (-(-w // self.stride))
         taps = self.kernel_size**2
         sampling = (5 if self.modulated else 4) * outputs * c * taps
         conv = outputs * self.out_channels * (c // self.groups) * taps
-        return 2 * (sampling + (conv if uses_torchvision(self.impl, x) else 0))
+        opaque = implementation(self.impl, x) != "torch"
+        return 2 * (sampling + (conv if opaque else 0))
 
     def extra_repr(self) -> str:
         return (
@@ -304,7 +335,7 @@ class DeformConv2d(_DeformConvBase):
 
     Shapes: ``(N, C_in, H, W) -> (N, C_out, ceil(H / s), ceil(W / s))`` with same padding
     ``dilation * (k - 1) / 2``. Defaults: ``kernel_size=3``, ``dilation=1``, ``groups=1``,
-    ``offset_groups=1``, ``bias=True``, ``impl="auto"`` (see :func:`uses_torchvision`;
+    ``offset_groups=1``, ``bias=True``, ``impl="auto"`` (see :func:`implementation`;
     ``"torchvision"`` or ``"torch"`` force one implementation).
     """
 

@@ -14,6 +14,8 @@ largest tensors being a padded copy of the input, the kernel and their gradients
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,6 +24,7 @@ from torch.autograd.function import once_differentiable
 from ..core.counting import map_elements
 from ..core.validation import check_positive_int
 from ..layers import ConvNormAct, LayerSpec
+from ..ops import involution_aggregate, use_fast_path
 from ..registry import register_block
 from .base import Block, ExplainKey
 
@@ -160,6 +163,10 @@ def involution2d(x: torch.Tensor, kernel: torch.Tensor, stride: int = 1) -> torc
     dtype = torch.promote_types(x.dtype, kernel.dtype)
     x, kernel = x.to(dtype), kernel.to(dtype)
     n, c, h, w = x.shape
+    if use_fast_path(x, kernel):
+        p = (k - 1) // 2
+        xp = F.pad(x, (p, p + (-w) % stride, p, p + (-h) % stride))
+        return involution_aggregate(xp, kernel, stride)
     xp = _grouped_padded(x, groups, k, stride)
     if torch.is_grad_enabled() and (x.requires_grad or kernel.requires_grad):
         out = _Involution.apply(xp, kernel, stride)
@@ -225,6 +232,7 @@ class Involution(Block):
     allowed_strides = (1, 2)
     width = "same"
     width_reason = "preserves the channels"
+    compiled_kernels: ClassVar[bool] = True  # blockzoo.ops runs the aggregation where it can
 
     def __init__(
         self,

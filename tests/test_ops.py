@@ -1,0 +1,546 @@
+"""The compiled CPU operators (``blockzoo.ops``) against the PyTorch reference forms.
+
+Every check runs on the fast path where numba is installed, and the fallback is checked under
+``fast_ops(False)``: equal outputs and gradients (1e-5, float32), gradcheck in float64, custom-op
+registration (``opcheck``), one operator under ``torch.compile(fullgraph=True)``, bitwise
+determinism, channels_last / non-contiguous / empty / 1x1 inputs, and non-finite values.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torchvision.ops import deform_conv2d as tv_deform_conv2d
+
+import blockzoo as bz
+from blockzoo import ops
+from blockzoo.blocks.acmix import acmix_attention_unfold_reference, local_window_attention
+from blockzoo.blocks.deform import deform_conv2d_torch, implementation
+from blockzoo.blocks.involution import involution2d, involution_unfold_reference
+
+from . import test_contract
+
+needs_numba = pytest.mark.skipif(not ops.fast_ops_available(), reason="numba is not installed")
+TOL = {"rtol": 1e-5, "atol": 1e-5}
+
+
+def _grads(fn, inputs, grad):
+    out = fn(*inputs)
+    return (out, *torch.autograd.grad(out, inputs, grad))
+
+
+def _assert_same(a, b, **tol) -> None:
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x, y, **(tol or TOL))
+
+
+# ---------------------------------------------------------------------------------------------
+# involution
+
+
+def _involution_operands(n=2, c=8, h=9, w=7, groups=2, k=3, stride=1, dtype=torch.float32):
+    x = torch.randn(n, c, h, w, dtype=dtype, requires_grad=True)
+    kernel = torch.randn(n, groups, k, k, -(-h // stride), -(-w // stride), dtype=dtype,
+                         requires_grad=True)
+    return x, kernel
+
+
+@needs_numba
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize(("h", "w", "k"), [(9, 7, 3), (8, 8, 7), (1, 1, 7), (3, 10, 5)])
+def test_involution_fast_equals_fallback_and_unfold(stride: int, h: int, w: int, k: int) -> None:
+    x, kernel = _involution_operands(2, 32, h, w, 2, k, stride)
+    grad = torch.randn(2, 32, -(-h // stride), -(-w // stride))
+
+    def op(a, b):
+        return involution2d(a, b, stride)
+
+    fast = _grads(op, (x, kernel), grad)
+    with ops.fast_ops(False):
+        fallback = _grads(op, (x, kernel), grad)
+    unfold = _grads(lambda a, b: involution_unfold_reference(a, b, stride), (x, kernel), grad)
+    _assert_same(fast, fallback)
+    _assert_same(fast, unfold)
+
+
+@needs_numba
+def test_involution_fast_path_is_the_custom_op() -> None:
+    x, kernel = _involution_operands()
+    with torch.profiler.profile() as prof:
+        involution2d(x, kernel).sum().backward()
+    names = {event.name for event in prof.events()}
+    assert "blockzoo::involution_aggregate" in names
+    assert "blockzoo::involution_aggregate_backward" in names
+    with ops.fast_ops(False), torch.profiler.profile() as prof:
+        involution2d(x, kernel).sum().backward()
+    assert "blockzoo::involution_aggregate" not in {event.name for event in prof.events()}
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_involution_gradcheck_float64(fast: bool, stride: int) -> None:
+    x, kernel = _involution_operands(1, 4, 5, 4, 2, 3, stride, torch.float64)
+    with ops.fast_ops(fast):
+        assert torch.autograd.gradcheck(lambda a, b: involution2d(a, b, stride), (x, kernel))
+
+
+@needs_numba
+def test_involution_opcheck() -> None:
+    x, kernel = _involution_operands(1, 4, 5, 4, 2, 3, 1)
+    xp = torch.nn.functional.pad(x.detach(), (1, 1, 1, 1)).requires_grad_()
+    torch.library.opcheck(ops.involution_aggregate, (xp, kernel, 1))
+    xp = torch.nn.functional.pad(x.detach(), (1, 2, 1, 2)).requires_grad_()
+    kernel = torch.randn(1, 2, 3, 3, 3, 2, requires_grad=True)
+    torch.library.opcheck(ops.involution_aggregate, (xp, kernel, 2))
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_involution_deterministic_bitwise(fast: bool) -> None:
+    x, kernel = _involution_operands(2, 32, 11, 9, 2, 7, 2)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with ops.fast_ops(fast):
+            runs = [_grads(lambda a, b: involution2d(a, b, 2), (x, kernel),
+                           torch.ones(2, 32, 6, 5)) for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(was)
+    _assert_same(runs[0], runs[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_involution_channels_last_non_contiguous_and_empty(fast: bool) -> None:
+    x, kernel = _involution_operands(2, 16, 6, 5, 1, 3, 1)
+    expected = involution_unfold_reference(x, kernel)
+    with ops.fast_ops(fast):
+        cl = x.detach().to(memory_format=torch.channels_last)
+        torch.testing.assert_close(involution2d(cl, kernel), expected, **TOL)
+        wide = torch.randn(2, 16, 6, 10)[..., ::2].copy_(x.detach())
+        assert not wide.is_contiguous()
+        torch.testing.assert_close(involution2d(wide, kernel.transpose(-1, -2).contiguous()
+                                                .transpose(-1, -2)), expected, **TOL)
+        empty_x, empty_k = _involution_operands(0, 16, 6, 5, 1, 3, 2)
+        out = involution2d(empty_x, empty_k, 2)
+        assert out.shape == (0, 16, 3, 3)
+        out.sum().backward()
+        assert empty_x.grad.shape == empty_x.shape and empty_k.grad.shape == empty_k.shape
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_involution_non_finite_values_propagate_like_the_reference(fast: bool) -> None:
+    x, kernel = _involution_operands(1, 4, 6, 6, 1, 3, 1)
+    x, kernel = x.detach().clone(), kernel.detach().clone()
+    x[0, 1, 2, 3], x[0, 2, 0, 0] = float("nan"), float("inf")
+    kernel[0, 0, 0, 0, 0, 0] = float("-inf")  # reads the zero padding: inf * 0 = nan
+    expected = involution_unfold_reference(x, kernel)
+    with ops.fast_ops(fast):
+        out = involution2d(x, kernel)
+    torch.testing.assert_close(out, expected, equal_nan=True, **TOL)
+    assert out.isnan().any() and out.isfinite().any()
+
+
+@needs_numba
+def test_involution_compiles_to_one_op_and_matches_eager() -> None:
+    x, kernel = _involution_operands(2, 8, 9, 7, 2, 3, 2)
+    seen: list[str] = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(node.target) for node in gm.graph.nodes)
+        return gm
+
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda a, b: involution2d(a, b, 2), fullgraph=True, backend=backend)
+    got = _grads(compiled, (x, kernel), torch.ones(2, 8, 5, 4))
+    _assert_same(got, _grads(lambda a, b: involution2d(a, b, 2), (x, kernel),
+                             torch.ones(2, 8, 5, 4)))
+    assert any("involution_aggregate" in target for target in seen)
+
+
+# ---------------------------------------------------------------------------------------------
+# deformable convolution
+
+DEFORM_CASES = [  # (stride, padding, dilation, groups, offset_groups, mask)
+    (1, 1, 1, 1, 1, False),
+    (1, 1, 1, 1, 1, True),
+    (2, 1, 1, 2, 2, True),
+    (1, 2, 2, 1, 2, False),
+]
+
+
+def _deform_problem(case, dtype=torch.float32, n=2, h=7, w=6, scale=2.0):
+    stride, padding, dilation, groups, offset_groups, with_mask = case
+    x = torch.randn(n, 4, h, w, dtype=dtype)
+    weight = torch.randn(6, 4 // groups, 3, 3, dtype=dtype)
+    bias = torch.randn(6, dtype=dtype)
+    ho = (h + 2 * padding - 2 * dilation - 1) // stride + 1
+    wo = (w + 2 * padding - 2 * dilation - 1) // stride + 1
+    offset = torch.randn(n, 2 * offset_groups * 9, ho, wo, dtype=dtype) * scale
+    mask = torch.rand(n, offset_groups * 9, ho, wo, dtype=dtype) if with_mask else None
+    kw = {"stride": stride, "padding": padding, "dilation": dilation}
+    return (x, offset, weight, bias, mask), kw
+
+
+def _deform_grads(fn, tensors, kw):
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in tensors]
+    x, offset, weight, bias, mask = leaves
+    out = fn(x, offset, weight, bias, mask=mask, **kw)
+    wanted = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad(out, wanted, torch.ones_like(out) * 0.5)
+    return (out, *grads)
+
+
+@needs_numba
+@pytest.mark.parametrize("case", DEFORM_CASES)
+def test_deform_fast_equals_torch_and_torchvision(case) -> None:
+    tensors, kw = _deform_problem(case)
+    fast = _deform_grads(ops.deform_conv2d, tensors, kw)
+    _assert_same(fast, _deform_grads(deform_conv2d_torch, tensors, kw), rtol=1e-5, atol=3e-5)
+    _assert_same(fast, _deform_grads(tv_deform_conv2d, tensors, kw), rtol=1e-5, atol=3e-5)
+
+
+@needs_numba
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_deform_fast_gradcheck_float64(with_mask: bool) -> None:
+    case = (1, 1, 1, 1, 1, with_mask)
+    tensors, kw = _deform_problem(case, torch.float64, n=1, h=4, w=5, scale=1.3)
+    inputs = tuple(t.requires_grad_() for t in tensors if t is not None)
+
+    def fn(x, offset, weight, bias, *mask):
+        return ops.deform_conv2d(x, offset, weight, bias, mask=mask[0] if mask else None, **kw)
+
+    assert torch.autograd.gradcheck(fn, inputs, atol=1e-6, rtol=1e-4)
+
+
+@needs_numba
+def test_deform_opcheck() -> None:
+    for case in DEFORM_CASES[1:3]:
+        (x, offset, _, _, mask), kw = _deform_problem(case, n=1, h=5, w=4)
+        geometry = [3, 3, kw["stride"], kw["stride"], kw["padding"], kw["padding"],
+                    kw["dilation"], kw["dilation"]]
+        weight = torch.randn(6, 4 // case[3], 3, 3, requires_grad=True)
+        args = (x.requires_grad_(), offset.requires_grad_(), mask.requires_grad_(), weight,
+                geometry)
+        torch.library.opcheck(ops.deform_conv2d_op, args)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("cls", [bz.DeformConv2d, bz.ModulatedDeformConv2d])
+def test_deform_block_deterministic_channels_last_and_empty(fast: bool, cls) -> None:
+    block = cls(8, 6, 2, offset_groups=2)
+    torch.nn.init.normal_(block.offset_conv.weight, std=0.5)
+    x = torch.randn(2, 8, 9, 7, requires_grad=True)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with ops.fast_ops(fast):
+            runs = []
+            for _ in range(2):
+                y = block(x)
+                runs.append((y, *torch.autograd.grad(y.square().sum(), (x, block.weight))))
+            cl = block(x.detach().to(memory_format=torch.channels_last))
+            sliced = block(torch.cat([x.detach(), x.detach()], dim=-1)[..., ::2])
+            empty = block(torch.randn(0, 8, 9, 7))
+    finally:
+        torch.use_deterministic_algorithms(was)
+    _assert_same(runs[0], runs[1], rtol=0, atol=0)
+    torch.testing.assert_close(cl, runs[0][0], **TOL)
+    assert sliced.shape == runs[0][0].shape
+    assert empty.shape == (0, 6, 5, 4)
+
+
+@pytest.mark.parametrize("impl", ["fast", "torchvision", "torch"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf"), 1e30])
+def test_deform_non_finite_offsets_sample_outside_the_image(impl: str, value: float) -> None:
+    """A non-finite offset contributes zero with zero gradient, as a point beyond the border."""
+    if impl == "fast" and not ops.fast_ops_available():
+        pytest.skip("numba is not installed")
+    block = bz.ModulatedDeformConv2d(4, 5, impl="auto" if impl == "fast" else impl)
+    x = torch.randn(2, 4, 6, 5, requires_grad=True)
+    clean_offset, mask = block.offsets(x)
+    bad = clean_offset.detach().clone()
+    far = clean_offset.detach().clone()
+    bad[0, 6, 2, 3] = value  # tap 3, row offset, output (2, 3)
+    far[0, 6, 2, 3] = -1e4
+    bad.requires_grad_()
+    with ops.fast_ops(impl == "fast"):
+        assert implementation(block.impl, x) == impl
+        out = _deform_with_offsets(block, x, bad, mask)
+        expected = _deform_with_offsets(block, x, far, mask)
+    torch.testing.assert_close(out, expected, **TOL)
+    out.square().sum().backward()
+    assert bad.grad.isfinite().all() and bad.grad[0, 6, 2, 3] == 0
+    assert x.grad.isfinite().all()
+
+
+def _deform_with_offsets(block, x, offset, mask):
+    """The block's forward with given offsets (the path it takes for ``x``)."""
+    block.offsets = lambda inp: (offset, mask)
+    try:
+        return block(x)
+    finally:
+        del block.offsets
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("where", ["input", "mask"])
+def test_deform_non_finite_input_or_mask_propagates_without_crashing(fast, where) -> None:
+    block = bz.ModulatedDeformConv2d(4, 5)
+    x = torch.randn(1, 4, 6, 5)
+    offset, mask = block.offsets(x)
+    mask = mask.detach().clone()
+    if where == "input":
+        x[0, 1, 2, 2] = float("nan")
+    else:
+        mask[0, 4, 1, 1] = float("nan")
+    with ops.fast_ops(fast):
+        out = _deform_with_offsets(block, x, offset, mask)
+    reference = deform_conv2d_torch(x, offset, block.weight, block.bias, padding=1, mask=mask)
+    torch.testing.assert_close(out, reference, equal_nan=True, **TOL)
+    assert out.isnan().any() and out.isfinite().any()
+
+
+@needs_numba
+@pytest.mark.parametrize("cls", [bz.DeformConv2d, bz.ModulatedDeformConv2d])
+def test_deform_flop_count_is_the_same_on_the_fast_operator(cls) -> None:
+    """The matrix product inside the custom op is invisible to FlopCounterMode: declared."""
+    from blockzoo.core import count_flops
+
+    fast, pure = cls(16, 32, stride=2).eval(), cls(16, 32, stride=2, impl="torch").eval()
+    pure.load_state_dict(fast.state_dict())
+    x = torch.randn(2, 16, 9, 7)
+    with torch.no_grad(), ops.fast_ops(True):
+        assert implementation(fast.impl, x) == "fast"
+        assert count_flops(fast, x) == count_flops(pure, x)
+
+
+@needs_numba
+def test_deform_block_compiles_to_one_op_and_matches_eager() -> None:
+    block = bz.ModulatedDeformConv2d(4, 6, 2)
+    torch.nn.init.normal_(block.offset_conv.weight, std=0.5)
+    x = torch.randn(2, 4, 7, 5, requires_grad=True)
+    seen: list[str] = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(node.target) for node in gm.graph.nodes)
+        return gm
+
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True, backend=backend)
+    y = compiled(x)
+    torch.testing.assert_close(y, block(x), **TOL)
+    (grad,) = torch.autograd.grad(y.square().sum(), x)
+    (expected,) = torch.autograd.grad(block(x).square().sum(), x)
+    torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-5)
+    assert any("deform_conv2d" in target for target in seen)
+
+
+# ---------------------------------------------------------------------------------------------
+# ACmix window attention
+
+
+def _attention_operands(b=4, d=8, h=9, w=7, dtype=torch.float32):
+    tensors = [torch.randn(b, d, h, w, dtype=dtype) for _ in range(3)]
+    tensors.append(torch.randn(1, d, h, w, dtype=dtype))
+    return tuple(t.requires_grad_() for t in tensors)
+
+
+@needs_numba
+@pytest.mark.parametrize(("size", "dilation", "stride", "h", "w"),
+                         [(7, 1, 1, 9, 8), (7, 1, 2, 9, 7), (3, 2, 1, 6, 5), (3, 1, 2, 1, 1),
+                          (7, 1, 1, 2, 3)])
+def test_window_attention_fast_equals_fallback_and_unfold(size, dilation, stride, h, w) -> None:
+    inputs = _attention_operands(h=h, w=w)
+    grad = torch.randn(4, 8, -(-h // stride), -(-w // stride))
+
+    def op(*args):
+        return local_window_attention(*args, size, dilation, stride)
+
+    fast = _grads(op, inputs, grad)
+    with ops.fast_ops(False):
+        fallback = _grads(op, inputs, grad)
+    unfold = _grads(lambda *a: acmix_attention_unfold_reference(*a, size, dilation, stride),
+                    inputs, grad)
+    _assert_same(fast, fallback)
+    _assert_same(fast, unfold)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize(("size", "dilation", "stride"), [(3, 1, 2), (3, 2, 1)])
+def test_window_attention_gradcheck_float64(fast, size, dilation, stride) -> None:
+    inputs = _attention_operands(2, 3, 5, 4, torch.float64)
+    with ops.fast_ops(fast):
+        assert torch.autograd.gradcheck(
+            lambda *a: local_window_attention(*a, size, dilation, stride), inputs
+        )
+
+
+@needs_numba
+def test_window_attention_opcheck() -> None:
+    q, k, v, _ = _attention_operands(2, 3, 5, 4)
+    keys = torch.randn(2, 3, 7, 6, requires_grad=True)
+    values = torch.randn(2, 3, 7, 6, requires_grad=True)
+    torch.library.opcheck(ops.window_attention, (q, keys, values, 3, 1, 1))
+    q_sub = q.detach()[..., ::2, ::2].contiguous().requires_grad_()
+    torch.library.opcheck(ops.window_attention, (q_sub, keys, values, 3, 1, 2))
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_acmix_deterministic_channels_last_non_finite_and_empty(fast: bool) -> None:
+    block = bz.ACmix(16, 16)
+    x = torch.randn(2, 16, 9, 7, requires_grad=True)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with ops.fast_ops(fast):
+            runs = []
+            for _ in range(2):
+                y = block(x)
+                runs.append((y, *torch.autograd.grad(y.square().sum(), (x, block.conv1.weight))))
+            cl = block(x.detach().to(memory_format=torch.channels_last))
+            bad = x.detach().clone()
+            bad[0, 3, 4, 4] = float("nan")
+            bad[1, 2, 0, 0] = float("inf")
+            non_finite = block(bad)
+            empty_inputs = _attention_operands(0, 4, 5, 3)
+            empty = local_window_attention(*empty_inputs, 3, 1, 2)
+            empty.sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(was)
+    _assert_same(runs[0], runs[1], rtol=0, atol=0)
+    torch.testing.assert_close(cl, runs[0][0], **TOL)
+    assert empty.shape == (0, 4, 3, 2)
+    assert all(t.grad is not None and t.grad.shape == t.shape for t in empty_inputs)
+    assert non_finite.isnan().any() and non_finite.isfinite().any()
+    with ops.fast_ops(not fast):
+        other = block(bad)
+    torch.testing.assert_close(non_finite, other, equal_nan=True, **TOL)
+
+
+@needs_numba
+def test_acmix_compiles_to_one_attention_op_and_matches_eager() -> None:
+    block = bz.ACmix(8, 8)
+    x = torch.randn(2, 8, 7, 6, requires_grad=True)
+    seen: list[str] = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(node.target) for node in gm.graph.nodes)
+        return gm
+
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True, backend=backend)
+    y = compiled(x)
+    torch.testing.assert_close(y, block(x), **TOL)
+    (grad,) = torch.autograd.grad(y.square().sum(), x)
+    (expected,) = torch.autograd.grad(block(x).square().sum(), x)
+    torch.testing.assert_close(grad, expected, **TOL)
+    assert any("window_attention" in target for target in seen)
+
+
+# ---------------------------------------------------------------------------------------------
+# switching, reporting, and the contract suite over the fallback
+
+FAST_BLOCKS = ["involution", "acmix", "deform_conv", "mdeform_conv"]
+
+
+def test_use_fast_path_rules() -> None:
+    x = torch.randn(1, 2, 3, 3)
+    with ops.fast_ops(True):
+        assert ops.use_fast_path(x) == ops.fast_ops_available()
+        assert not ops.use_fast_path(x.half()) and not ops.use_fast_path(x.bfloat16())
+        assert not ops.use_fast_path(x, x.double())  # mixed dtypes
+        assert not ops.use_fast_path(x.to("meta"))
+    with ops.fast_ops(False):
+        assert not ops.use_fast_path(x) and not ops.fast_ops_enabled()
+        assert "reference" in ops.path_description()
+
+
+def test_environment_variable_disables_the_fast_path() -> None:
+    code = "import blockzoo.ops as o; print(o.fast_ops_enabled(), o.path_description())"
+    env = {**os.environ, ops.ENV_DISABLE: "1"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                            text=True, check=True, timeout=120)
+    assert result.stdout.startswith("False") and ops.ENV_DISABLE in result.stdout
+
+
+def test_without_numba_the_blocks_run_their_pytorch_forms() -> None:
+    code = (
+        "import sys; sys.modules['numba'] = None\n"  # as if the extra were not installed
+        "import torch, blockzoo as bz\n"
+        "from blockzoo import ops\n"
+        "assert not ops.fast_ops_available() and not ops.use_fast_path(torch.ones(1))\n"
+        "for name in ('involution', 'acmix', 'deform_conv', 'mdeform_conv'):\n"
+        "    x = torch.randn(2, 16, 9, 7, requires_grad=True)\n"
+        "    bz.create_block(name, 16)(x).sum().backward()\n"
+        "    assert x.grad.isfinite().all()\n"
+        "print(ops.path_description())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "install blockzoo[fast]" in result.stdout
+
+
+@needs_numba
+def test_kernels_keep_torch_thread_count() -> None:
+    """Numba's OpenMP pool sets the shared OpenMP thread count when it starts; torch's is kept."""
+    code = ("import torch; torch.set_num_threads(1); from blockzoo.blocks.involution import "
+            "involution2d; involution2d(torch.ones(1, 4, 5, 5), torch.ones(1, 1, 3, 3, 5, 5)); "
+            "print(torch.get_num_threads())")
+    env = {key: value for key, value in os.environ.items() if key != ops.ENV_DISABLE}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                            text=True, check=True, timeout=120)
+    assert result.stdout.strip() == "1"
+
+
+def _forked_child(queue) -> None:
+    x, kernel = torch.ones(1, 4, 5, 5), torch.ones(1, 1, 3, 3, 5, 5)
+    queue.put(float(involution2d(x, kernel).sum()))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="fork start method")
+def test_a_forked_child_after_the_kernels_ran_still_computes() -> None:
+    """GNU OpenMP terminates a forked child that enters a parallel region: it takes the
+    reference forms instead (same result)."""
+    import multiprocessing
+
+    x, kernel = torch.ones(1, 4, 5, 5), torch.ones(1, 1, 3, 3, 5, 5)
+    expected = float(involution2d(x, kernel).sum())
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_forked_child, args=(queue,))
+    child.start()
+    child.join(120)
+    assert child.exitcode == 0
+    assert queue.get(timeout=10) == expected
+
+
+@pytest.mark.parametrize("name", FAST_BLOCKS)
+def test_cli_info_names_the_active_path(name: str, capsys) -> None:
+    from blockzoo.cli import main
+
+    assert main(["info", name]) == 0
+    out = capsys.readouterr().out
+    assert "implementation:" in out
+    assert ("compiled CPU kernels" in out) == ops.fast_ops_enabled()
+
+
+CONTRACT_CHECKS = [
+    test_contract.test_backward_reaches_every_parameter,
+    test_contract.test_gradcheck_float64,
+    test_contract.test_channels_last_and_non_contiguous_inputs,
+    test_contract.test_deterministic_algorithms,
+    pytest.param(test_contract.test_torch_compile_fullgraph_matches_eager,
+                 marks=pytest.mark.compile),
+]
+
+
+@pytest.mark.parametrize("check", CONTRACT_CHECKS,
+                         ids=lambda check: getattr(check, "__name__", "check")[5:])
+@pytest.mark.parametrize("name", FAST_BLOCKS)
+def test_contract_checks_on_the_fallback(name: str, check) -> None:
+    with ops.fast_ops(False):
+        check(name)
