@@ -1,6 +1,6 @@
 """Speed and peak memory of DynamicConv2d and CondConv2d against nn.Conv2d and a per-sample loop.
 
-For every batch (1, 8, 32), map size (56 and 28 as the issue asks, 14 to show where the loop's
+For every batch (1, 8, 32), map size (56 and 28, the target sizes, and 14 to show where the loop's
 per-sample overhead starts to count) and pass (forward, forward+backward), 64 -> 64 channels,
 3x3, float32 on CPU, it times in the same interleaved rounds:
 

@@ -142,7 +142,7 @@ PAPER_PARAMS = {
     "rednet50": 15.54,
     "rednet101": 25.65,
     "rednet152": 33.99,
-    "mobilenetv2": 3.5,  # the figure; coordinate attention paper's baseline row
+    "mobilenetv2": 3.5,  # coordinate attention paper's baseline row
     "mobilenetv2_ca": 3.95,  # Coordinate attention paper
     "mobilenetv2_se": 3.89,  # Coordinate attention paper, its SE comparison
     "dy_mobilenetv2": 11.1,  # DY-Conv paper, DY-MobileNetV2 x1.0
