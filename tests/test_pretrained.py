@@ -344,7 +344,8 @@ def test_pretrained_true_without_url_or_offline_names_the_page(hub: dict) -> Non
     with pytest.raises(PretrainedError, match="cannot download .*pytorch.org/vision.*"
                        "pretrained=\"path"):
         create_model("mobilenetv2", pretrained=True)
-    with pytest.raises(PretrainedError, match=r"implus/SKNet"):
+    with pytest.raises(PretrainedError, match=r"implus/SKNet.*'caffe' format, which blockzoo "
+                       r"cannot read"):
         create_model("sknet50", pretrained=True)
     with pytest.raises(PretrainedError, match="no released pretrained weights"):
         create_model("resnet_cifar", pretrained=True)

@@ -476,9 +476,17 @@ def load_pretrained(
                 f"{name}: no released pretrained weights are known for this network; train it "
                 f"or pass pretrained=\"path/to/checkpoint\" (a blockzoo state_dict)"
             )
-        direct = [w for w in weights if w.url]
-        if not direct:
+        readable = [w for w in weights if w.layout in LAYOUTS]
+        if not readable:
             w = weights[0]
+            raise PretrainedError(
+                f"{name}: the released checkpoint {w.tag!r} ({w.page}) is in the {w.layout!r} "
+                f"format, which blockzoo cannot read ({w.notes}); pass pretrained=\"path\" with a "
+                f"blockzoo state_dict instead"
+            )
+        direct = [w for w in readable if w.url]
+        if not direct:
+            w = readable[0]
             raise PretrainedError(
                 f"{name}: the released checkpoint {w.tag!r} has no direct download URL; download "
                 f"it from {w.page} and pass pretrained=\"path/to/file\""
