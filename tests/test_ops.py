@@ -387,12 +387,13 @@ def test_window_attention_gradcheck_float64(fast, size, dilation, stride) -> Non
 
 @needs_numba
 def test_window_attention_opcheck() -> None:
-    q, k, v, _ = _attention_operands(2, 3, 5, 4)
-    keys = torch.randn(2, 3, 7, 6, requires_grad=True)
-    values = torch.randn(2, 3, 7, 6, requires_grad=True)
-    torch.library.opcheck(ops.window_attention, (q, keys, values, 3, 1, 1))
-    q_sub = q.detach()[..., ::2, ::2].contiguous().requires_grad_()
-    torch.library.opcheck(ops.window_attention, (q_sub, keys, values, 3, 1, 2))
+    qkv = torch.randn(2, 3, 3, 2, 5, 4, requires_grad=True)  # (B, D, q/k/v, heads, H, W)
+    pe = torch.randn(3, 5, 4, requires_grad=True)
+    torch.library.opcheck(ops.window_attention, (qkv, pe, 3, 1, 1, 0.5, True))
+    torch.library.opcheck(ops.window_attention, (qkv, pe, 3, 1, 2, 0.5, True))
+    inference = (qkv.detach(), pe.detach(), 5, 2, 1, 1.0, False)  # no weights kept
+    torch.library.opcheck(ops.window_attention, inference)
+    assert ops.window_attention(*inference)[1].numel() == 0
 
 
 @pytest.mark.parametrize("fast", [True, False])

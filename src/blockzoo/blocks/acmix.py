@@ -60,16 +60,6 @@ def reflect_pad2d(x: torch.Tensor, pad: int) -> torch.Tensor:
     return x.index_select(-1, reflect_indices(w, pad, x.device))
 
 
-def _fast_reflect_pad(x: torch.Tensor, pad: int) -> torch.Tensor:
-    """:func:`reflect_pad2d`, through ``F.pad(mode="reflect")`` where that is defined (``pad``
-    smaller than both sides) and no gradient is needed: the same values, several times faster
-    than two index_selects, but its backward would keep ``x`` alive."""
-    needs_grad = torch.is_grad_enabled() and x.requires_grad
-    if not needs_grad and 0 < pad < min(x.shape[-2:]):
-        return F.pad(x, (pad, pad, pad, pad), mode="reflect")
-    return reflect_pad2d(x, pad)
-
-
 def position_grid(h: int, w: int, like: torch.Tensor) -> torch.Tensor:
     """``(1, 2, h, w)`` coordinates in ``[-1, 1]``: channel 0 the column, channel 1 the row.
 
@@ -141,13 +131,17 @@ def local_window_attention(
     every per-offset operand is a strided view of a padded tensor, so nothing of size
     ``B * D * k^2 * Ho * Wo`` is stored, for the forward or for the backward. On CPU
     (float32/float64) the window sweep is one compiled operator,
-    :func:`blockzoo.ops.window_attention`; elsewhere it is written with PyTorch ops.
+    :func:`blockzoo.ops.window_attention` (which pads inside and stores nothing padded);
+    elsewhere it is written with PyTorch ops.
     """
     pad = dilation * (kernel_size - 1) // 2
     if use_fast_path(q, k, v, pe):
-        keys, values = _fast_reflect_pad(k - pe, pad), _fast_reflect_pad(v, pad)
-        q = q[..., ::stride, ::stride]
-        return window_attention(q, keys, values, kernel_size, dilation, stride)[0]
+        if pe.shape[0] != 1:  # a per-sample encoding: subtract it here, the op takes one
+            k, pe = k - pe, torch.zeros_like(pe[:1])
+        qkv = torch.stack([q, k, v], dim=2).unsqueeze(3)  # (B, D, 3, 1 head, H, W)
+        keep = torch.is_grad_enabled() and (qkv.requires_grad or pe.requires_grad)
+        out = window_attention(qkv, pe[0], kernel_size, dilation, stride, 1.0, keep)[0]
+        return out[:, 0]
     h, w = v.shape[-2:]
     att = window_attention_weights(q, k, pe, kernel_size, dilation, stride)
     values = reflect_pad2d(v, pad)
@@ -311,8 +305,43 @@ class ACmix(Block):
         f_conv = f_all.permute(0, 2, 1, 3).reshape(n, self.dep_conv.in_channels, h, w)
         return self.dep_conv(f_conv)
 
+    def fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` on the compiled window attention, with the same parameters.
+
+        One 1x1 convolution computes ``q, k, v`` (the three weights stacked at call time) into
+        a ``(N, D, 3, head, H, W)`` layout: the attention operator reads it in place (scaling,
+        position encoding and reflection padding inside), and, since each ``dep_conv`` group
+        ``d`` reads exactly the 3 * head channels ``(s, head)`` of channel ``d``, ``fc`` followed
+        by ``dep_conv`` is one grouped ``kernel_conv x kernel_conv`` convolution over it, with
+        weights ``sum_t dep_conv[o, t] * fc[t, j]`` (times ``rate2``): neither the stacked
+        ``fc`` input nor its regrouped output is materialised.
+        """
+        n, _, h, w = x.shape
+        heads, d = self.head, self.head_dim
+
+        def stacked(*tensors: torch.Tensor) -> torch.Tensor:  # rows ordered (d, q/k/v, head)
+            t = torch.stack(tensors).unflatten(1, (heads, d))
+            return t.movedim(2, 0).flatten(0, 2)
+
+        weight = stacked(self.conv1.weight, self.conv2.weight, self.conv3.weight)
+        bias = stacked(self.conv1.bias, self.conv2.bias, self.conv3.bias)
+        qkv = F.conv2d(x, weight, bias).contiguous()
+        pe = self.conv_p(position_grid(h, w, x))[0]
+        keep = torch.is_grad_enabled() and (qkv.requires_grad or pe.requires_grad)
+        att = window_attention(qkv.view(n, d, 3, heads, h, w), pe, self.kernel_att,
+                               self.dilation, self.stride, d**-0.5, keep)[0]
+        conv_weight = torch.einsum(
+            "otkl,tj->ojkl", self.dep_conv.weight, self.fc.weight.flatten(1)
+        ) * self.rate2
+        conv = F.conv2d(qkv, conv_weight, None, self.dep_conv.stride, self.dep_conv.padding,
+                        groups=d)
+        return torch.addcmul(conv, self.rate1, att.view(n, self.out_channels, *att.shape[-2:]))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
+        # under autocast the projections would hand the operator another dtype
+        if use_fast_path(x, self.conv1.weight) and not torch.is_autocast_enabled(x.device.type):
+            return self.fused_forward(x)
         q, k, v = self.conv1(x), self.conv2(x), self.conv3(x)
         q_att, k_att, pe = self._heads(x, q, k)
         att = local_window_attention(

@@ -2,223 +2,508 @@
 
 On the Integration of Self-Attention and Convolution, Pan et al., CVPR 2022, arXiv 2111.14556
 
-For each output position ``(i, j)`` and window tap ``t = (u, r)`` (row-major, ``T = K * K``)::
+The operator reads ``q``, ``k`` and ``v`` from one projection tensor ``qkv`` of shape
+``(B, D, 3, heads, H, W)`` (the layout the ACmix block's fused 1x1 projection writes, so that its
+convolution path reads the same tensor) and a position encoding ``pe`` ``(D, H, W)``. With
+``keys = pad(k - pe)`` and ``values = pad(v)`` (reflection padding by ``dilation * (K - 1) / 2``,
+iterated for inputs smaller than the window: the index tables ``rows``/``cols``), for each output
+position ``(i, j)`` and window tap ``t = (u, r)`` (row-major, ``T = K * K``)::
 
-    score[b, t, i, j] = sum_d q[b, d, i, j] * keys[b, d, i * s + u * dil, j * s + r * dil]
+    score[b, h, t, i, j] = scale * sum_d q[b, d, h, i*s, j*s] * keys[b, d, h, y, x]
     att = softmax over t of score
-    out[b, d, i, j] = sum_t att[b, t, i, j] * values[b, d, i * s + u * dil, j * s + r * dil]
+    out[b, h, d, i, j] = sum_t att[b, h, t, i, j] * values[b, d, h, y, x]
 
-on padded ``keys`` and ``values`` (the caller pads them; see
-:func:`blockzoo.blocks.acmix.local_window_attention`). The forward pass makes one sweep per output
-row: the ``T`` score rows, their softmax and the weighted sum stay in cache. The backward pass
-first gives, per output row, the score gradients and the gradient to ``q``, then, per channel
-plane, scatters into the ``keys`` and ``values`` gradients; every array element is written by one
-job, so the result is deterministic. The ``(B, T, Ho, Wo)`` attention weights are kept for the
-backward pass; nothing of size ``B * D * T * Ho * Wo`` is.
+with ``(y, x) = (i*s + u*dil, j*s + r*dil)`` in padded coordinates.
+
+Nothing padded is stored: each job (a sample, a head and a block of output rows) copies the rows
+it reads into small buffers, where a stride-1 window tap is one constant offset into the padded,
+flattened rows, so every inner loop runs over a contiguous stretch of several rows. The backward
+pass recomputes those buffers, forms the score gradients and the gradient to ``q`` per block, and
+scatters the key and value gradients into the block's padded rows, folded back through the
+reflection into ``k``'s and ``v``'s gradients. Blocks of the same parity never touch the same
+rows (a block is at least as tall as the padding on both sides), so the two parities run one after
+the other: every element is written in a fixed order and the result is deterministic. The
+``(B, heads, T, Ho, Wo)`` attention weights are kept for the backward pass; nothing of size
+``B * D * T * Ho * Wo`` is.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
-from ._backend import as_array, kernel, kernel_threads, prange
+from ._backend import as_array, kernel, kernel_threads, numba, prange
+
+# Flattened length of a block of output rows: the ``T`` score rows of a block stay in cache.
+_FORWARD_LENGTH = 128
+_BACKWARD_LENGTH = 128
+_EXP_TERMS = 12  # Taylor terms of exp on [-ln 2 / 2, ln 2 / 2]: float64-accurate
+_MIN_EXPONENT = 125  # scores below the maximum by more than 125 ln 2 get weight 0
+
+
+def _exp_constants(dtype: torch.dtype) -> np.ndarray:
+    """``log2 e``, ``ln 2``, ``1 / k!`` for ``k < _EXP_TERMS``, and the smallest argument."""
+    values = [math.log2(math.e), math.log(2), *(1 / math.factorial(k) for k in range(_EXP_TERMS)),
+              -_MIN_EXPONENT * math.log(2)]
+    return np.array(values, dtype=np.float32 if dtype == torch.float32 else np.float64)
+
+
+if numba is not None:
+    from llvmlite import ir
+    from numba.core import types
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def _pow2(typingctx, n, like):
+        """``2.0 ** n`` in the float type of ``like``, built from its exponent bits (``n`` in
+        the normal range), so that loops around it vectorise."""
+        if not isinstance(n, types.Integer) or not isinstance(like, types.Float):
+            return None
+
+        def codegen(context, builder, signature, args):
+            width = like.bitwidth
+            bias, shift = (127, 23) if width == 32 else (1023, 52)
+            itype = ir.IntType(width)
+            value = args[0]
+            if n.bitwidth > width:
+                value = builder.trunc(value, itype)
+            elif n.bitwidth < width:
+                value = builder.sext(value, itype)
+            value = builder.shl(builder.add(value, ir.Constant(itype, bias)),
+                                ir.Constant(itype, shift))
+            return builder.bitcast(value, ir.FloatType() if width == 32 else ir.DoubleType())
+
+        return like(n, like), codegen
+else:  # pragma: no cover - the kernels never run without numba
+    def _pow2(n, like):
+        return 2.0**n
+
+
+@kernel(parallel=False)
+def _exp_rows(s, length, consts):  # pragma: no cover - compiled
+    """``s[t, :length] = exp(s[t, :length])`` for non-positive (or NaN) arguments, vectorised:
+    ``x = n ln 2 + r``, ``exp(x) = 2^n * poly(r)``; below ``-125 ln 2`` (and ``-inf``) exactly
+    0, so that a zero weight times an infinite value is NaN as in torch; NaN stays NaN."""
+    log2e, ln2, lowest = consts[0], consts[1], consts[_EXP_TERMS + 2]
+    c0, c1, c2, c3, c4, c5 = consts[2], consts[3], consts[4], consts[5], consts[6], consts[7]
+    c6, c7, c8, c9, c10, c11 = consts[8], consts[9], consts[10], consts[11], consts[12], consts[13]
+    for t in range(s.shape[0]):
+        row = s[t]
+        for p in range(length):
+            x = row[p]
+            small = x < lowest
+            x = x if not small else lowest
+            n = np.floor(x * log2e + 0.5)
+            n = n if n >= -_MIN_EXPONENT else -_MIN_EXPONENT
+            n = n if n <= 0 else 0
+            r = x - n * ln2
+            poly = (((((c11 * r + c10) * r + c9) * r + c8) * r + c7) * r + c6) * r + c5
+            poly = ((((poly * r + c4) * r + c3) * r + c2) * r + c1) * r + c0
+            row[p] = poly * _pow2(int(n), x) if not small else 0
+
+
+@kernel(parallel=False)
+def _softmax(s, length, consts, total):  # pragma: no cover - compiled
+    """Softmax over the rows of ``s[:, :length]`` (NaN spreads over its column, as in torch)."""
+    taps = s.shape[0]
+    top = total  # the column maxima first, then the sums
+    first = s[0]
+    for p in range(length):
+        top[p] = first[p]
+    for t in range(1, taps):
+        row = s[t]
+        for p in range(length):
+            if row[p] > top[p]:
+                top[p] = row[p]
+    for t in range(taps):
+        row = s[t]
+        for p in range(length):
+            row[p] -= top[p]
+    _exp_rows(s, length, consts)
+    total[:length] = 0
+    for t in range(taps):
+        row = s[t]
+        for p in range(length):
+            total[p] += row[p]
+    for p in range(length):
+        total[p] = 1 / total[p]
+    for t in range(taps):
+        row = s[t]
+        for p in range(length):
+            row[p] *= total[p]
+
+
+@kernel(parallel=False)
+def _dot4(dst, a0, a1, a2, a3, b0, b1, b2, b3, length):  # pragma: no cover - compiled
+    """``dst[p] += sum_i a_i[p] * b_i[p]``: four products per load and store of ``dst``."""
+    for p in range(length):
+        dst[p] += a0[p] * b0[p] + a1[p] * b1[p] + a2[p] * b2[p] + a3[p] * b3[p]
+
+
+@kernel(parallel=False)
+def _dot1(dst, a, b, length):  # pragma: no cover - compiled
+    for p in range(length):
+        dst[p] += a[p] * b[p]
+
+
+@kernel(parallel=False)
+def _tap(size, dilation, wp, t):  # pragma: no cover - compiled
+    """Flat offset of window tap ``t`` in rows of pitch ``wp``."""
+    return (t // size) * dilation * wp + (t % size) * dilation
+
+
+# The three stride-1 sweeps below call ``_dot4`` on slices made in place: a helper that returned
+# the slices would make every call count references, several times slower than the arithmetic.
+
+
+@kernel(parallel=False)
+def _correlate(dst, a, b, margin, size, dilation, wp, length):  # pragma: no cover - compiled
+    """``dst[t, margin + p] += sum_c a[c, margin + p] * b[c, tap(t) + p]``."""
+    d = a.shape[0]
+    full = d - d % 4
+    for c in range(0, full, 4):
+        a0, a1, a2, a3 = a[c, margin:], a[c + 1, margin:], a[c + 2, margin:], a[c + 3, margin:]
+        for t in range(dst.shape[0]):
+            o = _tap(size, dilation, wp, t)
+            _dot4(dst[t, margin:], a0, a1, a2, a3, b[c, o:], b[c + 1, o:], b[c + 2, o:],
+                  b[c + 3, o:], length)
+    for c in range(full, d):
+        for t in range(dst.shape[0]):
+            _dot1(dst[t, margin:], a[c, margin:], b[c, _tap(size, dilation, wp, t):], length)
+
+
+@kernel(parallel=False)
+def _weighted_sum(dst, weights, margin, plane, size, dilation, wp, length):  # pragma: no cover
+    """``dst[p] = sum_t weights[t, margin + p] * plane[tap(t) + p]``."""
+    taps = weights.shape[0]
+    full = taps - taps % 4
+    dst[:length] = 0
+    for t in range(0, full, 4):
+        o0, o1 = _tap(size, dilation, wp, t), _tap(size, dilation, wp, t + 1)
+        o2, o3 = _tap(size, dilation, wp, t + 2), _tap(size, dilation, wp, t + 3)
+        _dot4(dst, weights[t, margin:], weights[t + 1, margin:], weights[t + 2, margin:],
+              weights[t + 3, margin:], plane[o0:], plane[o1:], plane[o2:], plane[o3:], length)
+    for t in range(full, taps):
+        _dot1(dst, weights[t, margin:], plane[_tap(size, dilation, wp, t):], length)
+
+
+@kernel(parallel=False)
+def _transposed_sum(dst, weights, values, margin, size, dilation, wp,
+                    length):  # pragma: no cover - compiled
+    """The scatter of ``weights[t, p] * values[p]`` to ``p + tap(t)``, written as a gather:
+    ``dst[x] = sum_t weights[t, margin + x - tap(t)] * values[margin + x - tap(t)]`` (both
+    zero outside their block)."""
+    taps = weights.shape[0]
+    full = taps - taps % 4
+    dst[:length] = 0
+    for t in range(0, full, 4):
+        o0, o1 = margin - _tap(size, dilation, wp, t), margin - _tap(size, dilation, wp, t + 1)
+        o2, o3 = margin - _tap(size, dilation, wp, t + 2), margin - _tap(size, dilation, wp, t + 3)
+        _dot4(dst, weights[t, o0:], weights[t + 1, o1:], weights[t + 2, o2:], weights[t + 3, o3:],
+              values[o0:], values[o1:], values[o2:], values[o3:], length)
+    for t in range(full, taps):
+        o = margin - _tap(size, dilation, wp, t)
+        _dot1(dst, weights[t, o:], values[o:], length)
+
+
+@kernel(parallel=False)
+def _gather_products(dst, a, b, offset, rows, width, wo, wp, stride):  # pragma: no cover
+    """Any stride, row by row: ``dst[r * width + j] += a[r * width + j] *
+    b[offset + r * stride * wp + j * stride]``."""
+    for r in range(rows):
+        o = r * width
+        seg = b[offset + r * stride * wp:]
+        for j in range(wo):
+            dst[o + j] += a[o + j] * seg[j * stride]
+
+
+@kernel(parallel=False)
+def _scatter_products(dst, a, b, offset, rows, width, wo, wp, stride):  # pragma: no cover
+    """The transpose of :func:`_gather_products`: ``dst[offset + window(p)] += a[p] * b[p]``."""
+    for r in range(rows):
+        o = r * width
+        seg = dst[offset + r * stride * wp:]
+        for j in range(wo):
+            seg[j * stride] += a[o + j] * b[o + j]
+
+
+@kernel(parallel=False)
+def _load_block(qkv, pe, b, h, i0, rows, used, stride, scale, rix, cix, width, margin,
+                qb, kb, vb):  # pragma: no cover - compiled
+    """Copy a block's scaled ``q`` rows (from ``margin``, row pitch ``width``, the rest zero)
+    and its ``used`` reflection-padded ``k - pe`` and ``v`` rows (pitch ``len(cix)``)."""
+    wo = (qkv.shape[5] - 1) // stride + 1
+    wp = cix.shape[0]
+    qb[:] = 0
+    for c in range(qkv.shape[1]):
+        for r in range(rows):
+            src = qkv[b, c, 0, h, (i0 + r) * stride]
+            dst = qb[c, margin + r * width:]
+            for j in range(wo):
+                dst[j] = src[j * stride] * scale
+        for r in range(used):
+            row = rix[i0 * stride + r]
+            ksrc, vsrc, psrc = qkv[b, c, 1, h, row], qkv[b, c, 2, h, row], pe[c, row]
+            kdst, vdst = kb[c, r * wp:], vb[c, r * wp:]
+            for j in range(wp):
+                col = cix[j]
+                kdst[j] = ksrc[col] - psrc[col]
+                vdst[j] = vsrc[col]
+
+
+@kernel(parallel=False)
+def _load_rows(src, b, h, i0, rows, width, margin, dst):  # pragma: no cover - compiled
+    """``dst[c, margin + r * width + j] = src[b, h, c, i0 + r, j]``, the rest zero."""
+    wo = src.shape[4]
+    dst[:] = 0
+    for c in range(src.shape[2]):
+        for r in range(rows):
+            row, out = src[b, h, c, i0 + r], dst[c, margin + r * width:]
+            for j in range(wo):  # loops: a slice assignment would copy to guard overlap
+                out[j] = row[j]
+
+
+@kernel(parallel=False)
+def _store_rows(src, rows, width, dst, b, h, c, i0):  # pragma: no cover - compiled
+    """``dst[b, h, c, i0 + r, j] = src[r * width + j]``."""
+    for r in range(rows):
+        row, seg = dst[b, h, c, i0 + r], src[r * width:]
+        for j in range(row.shape[0]):
+            row[j] = seg[j]
 
 
 @kernel()
-def _forward(q, keys, values, size, dilation, stride, out, att):  # pragma: no cover - compiled
-    n, d, ho, wo = q.shape
+def _forward(qkv, pe, rix, cix, size, dilation, stride, scale, block_rows, consts,
+             out, att):  # pragma: no cover - compiled
+    n, d, _, heads, _, _ = qkv.shape
+    ho, wo = out.shape[3], out.shape[4]
+    wp = cix.shape[0]
     taps = size * size
-    for job in prange(n * ho):
-        b, i = job // ho, job % ho
-        scores = np.zeros((taps, wo), dtype=q.dtype)  # contiguous rows: vectorised loops
-        for t in range(taps):
-            row = i * stride + (t // size) * dilation
-            col = (t % size) * dilation
-            srow = scores[t]
+    span = (size - 1) * dilation
+    width = wp if stride == 1 else wo
+    krows = (block_rows - 1) * stride + span + 1
+    blocks = (ho + block_rows - 1) // block_rows
+    for job in prange(n * heads * blocks):
+        b, h, i0 = job // (heads * blocks), (job // blocks) % heads, (job % blocks) * block_rows
+        rows = min(block_rows, ho - i0)
+        length = (rows - 1) * width + wo
+        used = (rows - 1) * stride + span + 1
+        qb = np.empty((d, block_rows * width), dtype=qkv.dtype)
+        kb = np.empty((d, krows * wp), dtype=qkv.dtype)
+        vb = np.empty((d, krows * wp), dtype=qkv.dtype)
+        s = np.zeros((taps, block_rows * width), dtype=qkv.dtype)
+        acc = np.empty(block_rows * width, dtype=qkv.dtype)
+        _load_block(qkv, pe, b, h, i0, rows, used, stride, scale, rix, cix, width, 0, qb, kb, vb)
+        if stride == 1:
+            _correlate(s, qb, kb, 0, size, dilation, wp, length)
+        else:
             for c in range(d):
-                qrow = q[b, c, i]
-                krow = keys[b, c, row]
-                if stride == 1:
-                    for j in range(wo):
-                        srow[j] += qrow[j] * krow[j + col]
-                else:
-                    for j in range(wo):
-                        srow[j] += qrow[j] * krow[j * stride + col]
-        top = scores[0].copy()
-        for t in range(1, taps):
-            for j in range(wo):
-                top[j] = max(top[j], scores[t, j])
-        total = np.zeros(wo, dtype=q.dtype)
-        for t in range(taps):
-            for j in range(wo):
-                scores[t, j] = np.exp(scores[t, j] - top[j])
-                total[j] += scores[t, j]
-        for t in range(taps):
-            for j in range(wo):
-                scores[t, j] /= total[j]
+                for t in range(taps):
+                    _gather_products(s[t], qb[c], kb[c], _tap(size, dilation, wp, t), rows,
+                                     width, wo, wp, stride)
+        _softmax(s, length, consts, acc)
+        for t in range(taps if att.shape[0] else 0):  # the weights only where kept
+            _store_rows(s[t], rows, width, att, b, h, t, i0)
         for c in range(d):
-            orow = out[b, c, i]
-            orow[:] = 0
-            for t in range(taps):
-                arow = scores[t]
-                vrow = values[b, c, i * stride + (t // size) * dilation]
-                col = (t % size) * dilation
-                if stride == 1:
-                    for j in range(wo):
-                        orow[j] += arow[j] * vrow[j + col]
-                else:
-                    for j in range(wo):
-                        orow[j] += arow[j] * vrow[j * stride + col]
-        for t in range(taps):
-            att[b, t, i, :] = scores[t]
+            if stride == 1:
+                _weighted_sum(acc, s, 0, vb[c], size, dilation, wp, length)
+            else:
+                acc[:] = 0
+                for t in range(taps):
+                    _gather_products(acc, s[t], vb[c], _tap(size, dilation, wp, t), rows,
+                                     width, wo, wp, stride)
+            _store_rows(acc, rows, width, out, b, h, c, i0)
 
 
 @kernel()
-def _backward_rows(grad, q, keys, values, att, size, dilation, stride,
-                   grad_scores, grad_q):  # pragma: no cover - compiled
-    n, d, ho, wo = q.shape
+def _backward(grad, qkv, pe, att, rix, cix, size, dilation, stride, scale, block_rows,
+              grad_qkv):  # pragma: no cover - compiled
+    """``grad_qkv`` must come in zeroed."""
+    n, d, _, heads, _, _ = qkv.shape
+    ho, wo = grad.shape[3], grad.shape[4]
+    wp = cix.shape[0]
     taps = size * size
-    for job in prange(n * ho):
-        b, i = job // ho, job % ho
-        gs = np.zeros((taps, wo), dtype=q.dtype)
-        a = np.empty((taps, wo), dtype=q.dtype)
-        for t in range(taps):
-            a[t] = att[b, t, i, :]
-        for t in range(taps):
-            vrow_index = i * stride + (t // size) * dilation
-            col = (t % size) * dilation
-            grow = gs[t]
+    span = (size - 1) * dilation
+    width = wp if stride == 1 else wo
+    krows = (block_rows - 1) * stride + span + 1
+    margin = span * wp + span if stride == 1 else 0
+    buffer = margin + krows * wp
+    blocks = (ho + block_rows - 1) // block_rows
+    for parity in range(2):
+        count = (blocks + 1 - parity) // 2
+        for job in prange(n * heads * count):
+            b, h = job // (heads * count), (job // count) % heads
+            i0 = (2 * (job % count) + parity) * block_rows
+            rows = min(block_rows, ho - i0)
+            length = (rows - 1) * width + wo
+            used = (rows - 1) * stride + span + 1
+            qb = np.empty((d, buffer), dtype=qkv.dtype)
+            gb = np.empty((d, buffer), dtype=qkv.dtype)
+            ab = np.empty((taps, buffer), dtype=qkv.dtype)
+            kb = np.empty((d, krows * wp), dtype=qkv.dtype)
+            vb = np.empty((d, krows * wp), dtype=qkv.dtype)
+            gs = np.zeros((taps, buffer), dtype=qkv.dtype)
+            gk = np.empty(krows * wp, dtype=qkv.dtype)
+            gv = np.empty(krows * wp, dtype=qkv.dtype)
+            acc = np.empty(buffer, dtype=qkv.dtype)
+            _load_block(qkv, pe, b, h, i0, rows, used, stride, scale, rix, cix, width, margin,
+                        qb, kb, vb)
+            _load_rows(grad, b, h, i0, rows, width, margin, gb)
+            _load_rows(att, b, h, i0, rows, width, margin, ab)
+            # score gradients: gs = att * (grad . values - sum_t att * grad . values)
+            if stride == 1:
+                _correlate(gs, gb, vb, margin, size, dilation, wp, length)
+            else:
+                for c in range(d):
+                    for t in range(taps):
+                        _gather_products(gs[t], gb[c], vb[c], _tap(size, dilation, wp, t),
+                                         rows, width, wo, wp, stride)
+            acc[:] = 0
+            for t in range(taps):
+                for p in range(margin, margin + length):
+                    acc[p] += ab[t, p] * gs[t, p]
+            for t in range(taps):
+                for p in range(margin, margin + length):
+                    gs[t, p] = ab[t, p] * (gs[t, p] - acc[p])
+                for r in range(rows):  # junk columns: no contribution, even from NaN
+                    gs[t, margin + r * width + wo:margin + (r + 1) * width] = 0
             for c in range(d):
-                gorow = grad[b, c, i]
-                vrow = values[b, c, vrow_index]
                 if stride == 1:
-                    for j in range(wo):
-                        grow[j] += gorow[j] * vrow[j + col]
+                    _weighted_sum(acc, gs, margin, kb[c], size, dilation, wp, length)
+                    _transposed_sum(gk, gs, qb[c], margin, size, dilation, wp, used * wp)
+                    _transposed_sum(gv, ab, gb[c], margin, size, dilation, wp, used * wp)
                 else:
+                    acc[:] = 0
+                    gk[:] = 0
+                    gv[:] = 0
+                    for t in range(taps):
+                        offset = _tap(size, dilation, wp, t)
+                        _gather_products(acc, gs[t], kb[c], offset, rows, width, wo, wp, stride)
+                        _scatter_products(gk, gs[t], qb[c], offset, rows, width, wo, wp, stride)
+                        _scatter_products(gv, ab[t], gb[c], offset, rows, width, wo, wp, stride)
+                for r in range(rows):
+                    dst, src = grad_qkv[b, c, 0, h, (i0 + r) * stride], acc[r * width:]
                     for j in range(wo):
-                        grow[j] += gorow[j] * vrow[j * stride + col]
-        dot = np.zeros(wo, dtype=q.dtype)
-        for t in range(taps):
-            for j in range(wo):
-                dot[j] += a[t, j] * gs[t, j]
-        for t in range(taps):
-            for j in range(wo):
-                gs[t, j] = a[t, j] * (gs[t, j] - dot[j])
-            grad_scores[b, t, i, :] = gs[t]
-        for c in range(d):
-            gq = grad_q[b, c, i]
-            gq[:] = 0
-            for t in range(taps):
-                krow = keys[b, c, i * stride + (t // size) * dilation]
-                col = (t % size) * dilation
-                srow = gs[t]
-                if stride == 1:
-                    for j in range(wo):
-                        gq[j] += srow[j] * krow[j + col]
-                else:
-                    for j in range(wo):
-                        gq[j] += srow[j] * krow[j * stride + col]
+                        dst[j * stride] = src[j] * scale
+                for r in range(used):  # only the block's own rows: no race with other jobs
+                    row = rix[i0 * stride + r]
+                    kdst, vdst = grad_qkv[b, c, 1, h, row], grad_qkv[b, c, 2, h, row]
+                    ksrc, vsrc = gk[r * wp:], gv[r * wp:]
+                    for j in range(wp):
+                        col = cix[j]
+                        kdst[col] += ksrc[j]
+                        vdst[col] += vsrc[j]
 
 
-@kernel()
-def _backward_planes(grad, q, att, grad_scores, size, dilation, stride,
-                     grad_keys, grad_values):  # pragma: no cover - compiled
-    n, d, ho, wo = q.shape
-    taps = size * size
-    for job in prange(n * d):
-        b, c = job // d, job % d
-        grad_keys[b, c] = 0
-        grad_values[b, c] = 0
-        for i in range(ho):
-            qrow = q[b, c, i]
-            gorow = grad[b, c, i]
-            for t in range(taps):
-                row = i * stride + (t // size) * dilation
-                col = (t % size) * dilation
-                gk, gv = grad_keys[b, c, row], grad_values[b, c, row]
-                srow, arow = grad_scores[b, t, i], att[b, t, i]
-                if stride == 1:
-                    for j in range(wo):
-                        gk[j + col] += srow[j] * qrow[j]
-                        gv[j + col] += arow[j] * gorow[j]
-                else:
-                    for j in range(wo):
-                        gk[j * stride + col] += srow[j] * qrow[j]
-                        gv[j * stride + col] += arow[j] * gorow[j]
+def _reflect_table(size: int, pad: int, padded: int) -> torch.Tensor:
+    """Source index of padded positions ``-pad .. padded - pad - 1`` (iterated reflection)."""
+    last, period = size - 1, max(2 * size - 2, 1)
+    return torch.tensor([last - abs(i % period - last) for i in range(-pad, padded - pad)])
 
 
-def _shapes(q: torch.Tensor, size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    n, d, ho, wo = q.shape
-    return (n, d, ho, wo), (n, size * size, ho, wo)
+def _geometry(qkv: torch.Tensor, size: int, dilation: int, stride: int, backward: bool):
+    """Output size, block rows and the reflection tables (long enough for every block)."""
+    h, w = qkv.shape[-2:]
+    ho, wo = -(-h // stride), -(-w // stride)
+    span = (size - 1) * dilation
+    width = w + span if stride == 1 else wo
+    length = _BACKWARD_LENGTH if backward else _FORWARD_LENGTH
+    block_rows = max(1, min(ho, length // max(width, 1)))
+    if backward:  # same-parity blocks must not share rows
+        block_rows = max(block_rows, min(ho, -(-span // stride)))
+        if span // 2 >= h:  # iterated reflection can reach any row: one block
+            block_rows = ho
+    blocks = -(-ho // block_rows)
+    padded_rows = (blocks * block_rows - 1) * stride + span + 1
+    rows = _reflect_table(h, span // 2, padded_rows)
+    cols = _reflect_table(w, span // 2, (wo - 1) * stride + span + 1)
+    return ho, wo, block_rows, rows, cols
+
+
+def _check(qkv: torch.Tensor, pe: torch.Tensor) -> None:
+    torch._check(qkv.dim() == 6 and qkv.shape[2] == 3, lambda: "qkv: (B, D, 3, heads, H, W)")
+    torch._check(pe.shape == (qkv.shape[1], *qkv.shape[-2:]), lambda: "pe: (D, H, W)")
 
 
 @torch.library.custom_op("blockzoo::window_attention", mutates_args=())
 def window_attention(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, size: int, dilation: int,
-    stride: int,
+    qkv: torch.Tensor, pe: torch.Tensor, size: int, dilation: int, stride: int, scale: float,
+    keep_weights: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Output ``(B, D, Ho, Wo)`` and attention weights ``(B, size^2, Ho, Wo)``.
+    """Output ``(B, heads, D, Ho, Wo)`` and attention weights ``(B, heads, size^2, Ho, Wo)``.
 
-    ``q``: ``(B, D, Ho, Wo)`` (already subsampled and scaled); ``keys``, ``values``: padded
-    ``(B, D, Hp, Wp)`` with ``Hp >= (Ho - 1) * stride + (size - 1) * dilation + 1`` (same for
-    ``Wp``). CPU, float32/float64, equal dtypes.
+    ``qkv``: ``(B, D, 3, heads, H, W)`` (``q``, ``k``, ``v`` on dim 2, unpadded, full
+    resolution); ``pe``: ``(D, H, W)``; ``scale`` multiplies ``q``. ``Ho = ceil(H / stride)``.
+    CPU, float32/float64, equal dtypes. ``keep_weights=False`` (inference: no backward pass to
+    come) returns an empty tensor for the weights and spares writing them.
     """
-    q, keys, values = q.contiguous(), keys.contiguous(), values.contiguous()
-    out_shape, att_shape = _shapes(q, size)
-    out, att = q.new_empty(out_shape), q.new_empty(att_shape)
-    if out.numel() or att.numel():
+    _check(qkv, pe)
+    qkv, pe = qkv.contiguous(), pe.contiguous()
+    n, d, _, heads = qkv.shape[:4]
+    ho, wo, block_rows, rows, cols = _geometry(qkv, size, dilation, stride, False)
+    out = qkv.new_empty(n, heads, d, ho, wo)
+    att = qkv.new_empty(_weights_shape(qkv, size, stride, keep_weights))
+    if out.numel():
         with kernel_threads():
-            _forward(as_array(q), as_array(keys), as_array(values), size, dilation, stride,
-                     as_array(out), as_array(att))
+            _forward(as_array(qkv), as_array(pe), rows.numpy(), cols.numpy(), size, dilation,
+                     stride, scale, block_rows, _exp_constants(qkv.dtype), as_array(out),
+                     as_array(att))
     return out, att
 
 
+def _weights_shape(qkv: torch.Tensor, size: int, stride: int, keep: bool) -> tuple[int, ...]:
+    n, _, _, heads, h, w = qkv.shape
+    if not keep:
+        return (0, heads, size * size, 0, 0)
+    return (n, heads, size * size, (h + stride - 1) // stride, (w + stride - 1) // stride)
+
+
 @window_attention.register_fake
-def _(q, keys, values, size, dilation, stride):
-    out_shape, att_shape = _shapes(q, size)
-    return q.new_empty(out_shape), q.new_empty(att_shape)
+def _(qkv, pe, size, dilation, stride, scale, keep_weights=True):
+    _check(qkv, pe)
+    n, d, _, heads, h, w = qkv.shape
+    ho, wo = (h + stride - 1) // stride, (w + stride - 1) // stride
+    return (qkv.new_empty(n, heads, d, ho, wo),
+            qkv.new_empty(_weights_shape(qkv, size, stride, keep_weights)))
 
 
 @torch.library.custom_op("blockzoo::window_attention_backward", mutates_args=())
 def window_attention_backward(
-    grad: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-    att: torch.Tensor, size: int, dilation: int, stride: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of :func:`window_attention`'s output to ``q``, ``keys`` and ``values``."""
-    grad, q, keys, values, att = (t.contiguous() for t in (grad, q, keys, values, att))
-    grad_q, grad_keys, grad_values = (torch.empty_like(t) for t in (q, keys, values))
+    grad: torch.Tensor, qkv: torch.Tensor, pe: torch.Tensor, att: torch.Tensor, size: int,
+    dilation: int, stride: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`window_attention`'s output to ``qkv`` and ``pe``."""
+    grad, qkv, pe, att = (t.contiguous() for t in (grad, qkv, pe, att))
+    grad_qkv = torch.zeros_like(qkv)
     if grad.numel():
-        grad_scores = torch.empty_like(att)
-        arrays = [as_array(t) for t in (grad, q, keys, values, att)]
+        _, _, block_rows, rows, cols = _geometry(qkv, size, dilation, stride, True)
         with kernel_threads():
-            _backward_rows(*arrays, size, dilation, stride, as_array(grad_scores),
-                           as_array(grad_q))
-            _backward_planes(arrays[0], arrays[1], arrays[4], as_array(grad_scores), size,
-                             dilation, stride, as_array(grad_keys), as_array(grad_values))
-    else:
-        for t in (grad_q, grad_keys, grad_values):
-            t.zero_()
-    return grad_q, grad_keys, grad_values
+            _backward(as_array(grad), as_array(qkv), as_array(pe), as_array(att), rows.numpy(),
+                      cols.numpy(), size, dilation, stride, scale, block_rows,
+                      as_array(grad_qkv))
+    return grad_qkv, -grad_qkv[:, :, 1].sum((0, 2))
 
 
 @window_attention_backward.register_fake
-def _(grad, q, keys, values, att, size, dilation, stride):
-    return torch.empty_like(q), torch.empty_like(keys), torch.empty_like(values)
+def _(grad, qkv, pe, att, size, dilation, stride, scale):
+    return torch.empty_like(qkv), torch.empty_like(pe)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, keys, values, size, dilation, stride = inputs
-    ctx.save_for_backward(q, keys, values, output[1])
+    qkv, pe, size, dilation, stride, scale, _ = inputs
+    ctx.save_for_backward(qkv, pe, output[1])
     ctx.mark_non_differentiable(output[1])
-    ctx.geometry = (size, dilation, stride)
+    ctx.geometry = (size, dilation, stride, scale)
 
 
-def _backward(ctx, grad_out, grad_att):
-    q, keys, values, att = ctx.saved_tensors
-    grads = window_attention_backward(grad_out, q, keys, values, att, *ctx.geometry)
-    return (*grads, None, None, None)
+def _backward_formula(ctx, grad_out, grad_att):
+    qkv, pe, att = ctx.saved_tensors
+    torch._check(att.shape[0] == qkv.shape[0], lambda: "window_attention: keep_weights=False "
+                 "outputs have no backward")
+    grads = window_attention_backward(grad_out, qkv, pe, att, *ctx.geometry)
+    return (*grads, None, None, None, None, None)
 
 
-window_attention.register_autograd(_backward, setup_context=_setup_context)
-
+window_attention.register_autograd(_backward_formula, setup_context=_setup_context)
