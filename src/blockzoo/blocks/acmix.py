@@ -139,9 +139,7 @@ def local_window_attention(
         if pe.shape[0] != 1:  # a per-sample encoding: subtract it here, the op takes one
             k, pe = k - pe, torch.zeros_like(pe[:1])
         qkv = torch.stack([q, k, v], dim=2).unsqueeze(3)  # (B, D, 3, 1 head, H, W)
-        keep = torch.is_grad_enabled() and (qkv.requires_grad or pe.requires_grad)
-        out = window_attention(qkv, pe[0], kernel_size, dilation, stride, 1.0, keep)[0]
-        return out[:, 0]
+        return window_attention(qkv, pe[0], kernel_size, dilation, stride, 1.0)[:, 0]
     h, w = v.shape[-2:]
     att = window_attention_weights(q, k, pe, kernel_size, dilation, stride)
     values = reflect_pad2d(v, pad)
@@ -327,9 +325,8 @@ class ACmix(Block):
         bias = stacked(self.conv1.bias, self.conv2.bias, self.conv3.bias)
         qkv = F.conv2d(x, weight, bias).contiguous()
         pe = self.conv_p(position_grid(h, w, x))[0]
-        keep = torch.is_grad_enabled() and (qkv.requires_grad or pe.requires_grad)
         att = window_attention(qkv.view(n, d, 3, heads, h, w), pe, self.kernel_att,
-                               self.dilation, self.stride, d**-0.5, keep)[0]
+                               self.dilation, self.stride, d**-0.5)
         conv_weight = torch.einsum(
             "otkl,tj->ojkl", self.dep_conv.weight, self.fc.weight.flatten(1)
         ) * self.rate2
