@@ -37,16 +37,18 @@ import torch
 from ._backend import as_array, kernel, kernel_threads, numba, prange
 
 # Flattened length of a block of output rows: the ``T`` score rows of a block stay in cache.
-_FORWARD_LENGTH = 128
-_BACKWARD_LENGTH = 128
+_FORWARD_LENGTH = 256
+_BACKWARD_LENGTH = 384
 _EXP_TERMS = 12  # Taylor terms of exp on [-ln 2 / 2, ln 2 / 2]: float64-accurate
 _MIN_EXPONENT = 125  # scores below the maximum by more than 125 ln 2 get weight 0
 
 
 def _exp_constants(dtype: torch.dtype) -> np.ndarray:
-    """``log2 e``, ``ln 2``, ``1 / k!`` for ``k < _EXP_TERMS``, and the smallest argument."""
+    """``log2 e``, ``ln 2``, ``1 / k!`` for ``k < _EXP_TERMS``, the smallest argument, and the
+    other constants of the exponential in the data's dtype (a Python float would make numba
+    compute in float64)."""
     values = [math.log2(math.e), math.log(2), *(1 / math.factorial(k) for k in range(_EXP_TERMS)),
-              -_MIN_EXPONENT * math.log(2)]
+              -_MIN_EXPONENT * math.log(2), 0.5, -_MIN_EXPONENT, 0.0, 1.0]
     return np.array(values, dtype=np.float32 if dtype == torch.float32 else np.float64)
 
 
@@ -90,6 +92,7 @@ def _softmax(s, margin, length, consts, top, total):  # pragma: no cover - compi
     log2e, ln2, lowest = consts[0], consts[1], consts[_EXP_TERMS + 2]
     c0, c1, c2, c3, c4, c5 = consts[2], consts[3], consts[4], consts[5], consts[6], consts[7]
     c6, c7, c8, c9, c10, c11 = consts[8], consts[9], consts[10], consts[11], consts[12], consts[13]
+    half, bottom, zero, one = consts[15], consts[16], consts[17], consts[18]
     first = s[0, margin:]
     for p in range(length):
         top[p] = first[p]
@@ -105,17 +108,17 @@ def _softmax(s, margin, length, consts, top, total):  # pragma: no cover - compi
             x = row[p] - top[p]
             small = x < lowest
             x = x if not small else lowest
-            n = np.floor(x * log2e + 0.5)
-            n = n if n >= -_MIN_EXPONENT else -_MIN_EXPONENT
-            n = n if n <= 0 else 0
+            n = np.floor(x * log2e + half)
+            n = n if n >= bottom else bottom
+            n = n if n <= zero else zero
             r = x - n * ln2
             poly = (((((c11 * r + c10) * r + c9) * r + c8) * r + c7) * r + c6) * r + c5
             poly = ((((poly * r + c4) * r + c3) * r + c2) * r + c1) * r + c0
-            e = poly * _pow2(int(n), x) if not small else 0
+            e = poly * _pow2(np.int32(n), x) if not small else zero
             row[p] = e
             total[p] += e
     for p in range(length):
-        total[p] = 1 / total[p]
+        total[p] = one / total[p]
     for t in range(s.shape[0]):
         row = s[t, margin:]
         for p in range(length):
@@ -230,8 +233,11 @@ def _load_block(qkv, pe, b, h, i0, rows, used, stride, scale, rix, cix, width, m
                 qb, kb, vb):  # pragma: no cover - compiled
     """Copy a block's scaled ``q`` rows (from ``margin``, row pitch ``width``, the rest zero)
     and its ``used`` reflection-padded ``k - pe`` and ``v`` rows (pitch ``len(cix)``)."""
-    wo = (qkv.shape[5] - 1) // stride + 1
+    w = qkv.shape[5]
+    wo = (w - 1) // stride + 1
     wp = cix.shape[0]
+    pad = (wp - (wo - 1) * stride - 1) // 2  # the table spans the window on both sides
+    inner = min(w, wp - pad)  # padded columns pad .. pad + inner - 1 are columns 0 .. inner - 1
     qb[:] = 0
     for c in range(qkv.shape[1]):
         for r in range(rows):
@@ -243,7 +249,15 @@ def _load_block(qkv, pe, b, h, i0, rows, used, stride, scale, rix, cix, width, m
             row = rix[i0 * stride + r]
             ksrc, vsrc, psrc = qkv[b, c, 1, h, row], qkv[b, c, 2, h, row], pe[c, row]
             kdst, vdst = kb[c, r * wp:], vb[c, r * wp:]
-            for j in range(wp):
+            kin, vin = kdst[pad:], vdst[pad:]
+            for j in range(inner):
+                kin[j] = ksrc[j] - psrc[j]
+                vin[j] = vsrc[j]
+            for j in range(pad):
+                col = cix[j]
+                kdst[j] = ksrc[col] - psrc[col]
+                vdst[j] = vsrc[col]
+            for j in range(pad + inner, wp):
                 col = cix[j]
                 kdst[j] = ksrc[col] - psrc[col]
                 vdst[j] = vsrc[col]
@@ -336,6 +350,8 @@ def _backward(grad, qkv, pe, rix, cix, size, dilation, stride, scale, block_rows
     krows = (block_rows - 1) * stride + span + 1
     margin = span * wp + span if stride == 1 else 0
     buffer = margin + krows * wp
+    pad = span // 2
+    inner = min(qkv.shape[5], wp - pad)  # padded columns that are columns 0 .. inner - 1
     blocks = (ho + block_rows - 1) // block_rows
     for parity in range(2):
         count = (blocks + 1 - parity) // 2
@@ -399,10 +415,16 @@ def _backward(grad, qkv, pe, rix, cix, size, dilation, stride, scale, block_rows
                     row = rix[i0 * stride + r]
                     kdst, vdst = grad_qkv[b, c, 1, h, row], grad_qkv[b, c, 2, h, row]
                     ksrc, vsrc = gk[r * wp:], gv[r * wp:]
-                    for j in range(wp):
-                        col = cix[j]
-                        kdst[col] += ksrc[j]
-                        vdst[col] += vsrc[j]
+                    kin, vin = ksrc[pad:], vsrc[pad:]
+                    for j in range(inner):
+                        kdst[j] += kin[j]
+                        vdst[j] += vin[j]
+                    for j in range(pad):
+                        kdst[cix[j]] += ksrc[j]
+                        vdst[cix[j]] += vsrc[j]
+                    for j in range(pad + inner, wp):
+                        kdst[cix[j]] += ksrc[j]
+                        vdst[cix[j]] += vsrc[j]
 
 
 def _reflect_table(size: int, pad: int, padded: int) -> torch.Tensor:
@@ -430,6 +452,11 @@ def _geometry(qkv: torch.Tensor, size: int, dilation: int, stride: int, backward
     return ho, wo, block_rows, rows, cols
 
 
+def _scalar(value: float, like: torch.Tensor) -> np.floating:
+    """``value`` in ``like``'s dtype, so that the kernels multiply in that dtype."""
+    return (np.float32 if like.dtype == torch.float32 else np.float64)(value)
+
+
 def _check(qkv: torch.Tensor, pe: torch.Tensor) -> None:
     torch._check(qkv.dim() == 6 and qkv.shape[2] == 3, lambda: "qkv: (B, D, 3, heads, H, W)")
     torch._check(pe.shape == (qkv.shape[1], *qkv.shape[-2:]), lambda: "pe: (D, H, W)")
@@ -455,7 +482,8 @@ def window_attention(
     if out.numel():
         with kernel_threads():
             _forward(as_array(qkv), as_array(pe), rows.numpy(), cols.numpy(), size, dilation,
-                     stride, scale, block_rows, _exp_constants(qkv.dtype), as_array(out))
+                     stride, _scalar(scale, qkv), block_rows, _exp_constants(qkv.dtype),
+                     as_array(out))
     return out
 
 
@@ -478,8 +506,8 @@ def window_attention_backward(
         _, _, block_rows, rows, cols = _geometry(qkv, size, dilation, stride, True)
         with kernel_threads():
             _backward(as_array(grad), as_array(qkv), as_array(pe), rows.numpy(), cols.numpy(),
-                      size, dilation, stride, scale, block_rows, _exp_constants(qkv.dtype),
-                      as_array(grad_qkv))
+                      size, dilation, stride, _scalar(scale, qkv), block_rows,
+                      _exp_constants(qkv.dtype), as_array(grad_qkv))
     return grad_qkv, -grad_qkv[:, :, 1].sum((0, 2))
 
 
