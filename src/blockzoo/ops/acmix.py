@@ -37,7 +37,7 @@ import torch
 from ._backend import as_array, kernel, kernel_threads, numba, prange
 
 # Flattened length of a block of output rows: the ``T`` score rows of a block stay in cache.
-_FORWARD_LENGTH = 256
+_FORWARD_LENGTH = 320
 _BACKWARD_LENGTH = 384
 _EXP_TERMS = 12  # Taylor terms of exp on [-ln 2 / 2, ln 2 / 2]: float64-accurate
 _MIN_EXPONENT = 125  # scores below the maximum by more than 125 ln 2 get weight 0
