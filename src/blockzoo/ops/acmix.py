@@ -171,40 +171,56 @@ def _correlate(dst, a, b, margin, size, dilation, wp, length):  # pragma: no cov
 
 
 @kernel(parallel=False)
-def _window_sum(dst, weights, values, margin, sign, size, dilation, wp,
+def _window_sum(dst, weights, plane, margin, size, dilation, wp,
                 length):  # pragma: no cover - compiled
-    """``dst[x] = sum_t weights[t, margin + x + sign * tap(t)] * values[y + tap(t)]``.
-
-    ``sign = 0``, ``values = plane`` with ``y = x``: the weighted sum over the window,
-    ``sum_t w[t, margin + x] * plane[x + tap(t)]``. ``sign = -1``, ``values`` a row with the
-    same margin: the scatter of ``w[t, p] * values[p]`` to ``p + tap(t)``, written as a gather
-    ``sum_t w[t, margin + x - tap(t)] * values[margin + x - tap(t)]`` (both zero outside their
-    block).
-    """
+    """``dst[p] = sum_t weights[t, margin + p] * plane[tap(t) + p]``."""
     taps = weights.shape[0]
     full = taps - taps % 8
     dst[:length] = 0
     for t in range(0, full, 8):
-        w0, w1, w2, w3, w4, w5, w6, w7 = (
-            _tap(size, dilation, wp, t), _tap(size, dilation, wp, t + 1),
-            _tap(size, dilation, wp, t + 2), _tap(size, dilation, wp, t + 3),
-            _tap(size, dilation, wp, t + 4), _tap(size, dilation, wp, t + 5),
-            _tap(size, dilation, wp, t + 6), _tap(size, dilation, wp, t + 7))
-        if sign == 0:
-            v0, v1, v2, v3, v4, v5, v6, v7 = w0, w1, w2, w3, w4, w5, w6, w7
-            w0 = w1 = w2 = w3 = w4 = w5 = w6 = w7 = margin
-        else:
-            w0, w1, w2, w3 = margin - w0, margin - w1, margin - w2, margin - w3
-            w4, w5, w6, w7 = margin - w4, margin - w5, margin - w6, margin - w7
-            v0, v1, v2, v3, v4, v5, v6, v7 = w0, w1, w2, w3, w4, w5, w6, w7
-        _dot8(dst, weights[t, w0:], weights[t + 1, w1:], weights[t + 2, w2:],
-              weights[t + 3, w3:], weights[t + 4, w4:], weights[t + 5, w5:],
-              weights[t + 6, w6:], weights[t + 7, w7:], values[v0:], values[v1:], values[v2:],
-              values[v3:], values[v4:], values[v5:], values[v6:], values[v7:], length)
+        o0, o1 = _tap(size, dilation, wp, t), _tap(size, dilation, wp, t + 1)
+        o2, o3 = _tap(size, dilation, wp, t + 2), _tap(size, dilation, wp, t + 3)
+        o4, o5 = _tap(size, dilation, wp, t + 4), _tap(size, dilation, wp, t + 5)
+        o6, o7 = _tap(size, dilation, wp, t + 6), _tap(size, dilation, wp, t + 7)
+        _dot8(dst, weights[t, margin:], weights[t + 1, margin:], weights[t + 2, margin:],
+              weights[t + 3, margin:], weights[t + 4, margin:], weights[t + 5, margin:],
+              weights[t + 6, margin:], weights[t + 7, margin:], plane[o0:], plane[o1:],
+              plane[o2:], plane[o3:], plane[o4:], plane[o5:], plane[o6:], plane[o7:], length)
     for t in range(full, taps):
-        o = _tap(size, dilation, wp, t)
-        w, v = (margin, o) if sign == 0 else (margin - o, margin - o)
-        _dot1(dst, weights[t, w:], values[v:], length)
+        _dot1(dst, weights[t, margin:], plane[_tap(size, dilation, wp, t):], length)
+
+
+@kernel(parallel=False)
+def _scatter_rows(dst, weights, values, margin, size, dilation, wp, length,
+                  zero):  # pragma: no cover - compiled
+    """The scatter of ``weights[t, p] * values[p]`` (``p < length``, at ``margin + p`` in both)
+    to ``dst[p + tap(t)]``, written as gathers one window row ``u`` at a time, where the taps
+    are shifts ``v * dilation`` within the row: ``dst[u * dilation * wp + x] += sum_v
+    weights[u * size + v, margin + x - v * dilation] * values[margin + x - v * dilation]``.
+    ``weights`` and ``values`` are zero for ``span = (size - 1) * dilation`` on both sides of
+    their ``length``; ``zero`` is a zero row for the pairs past the last tap of a row."""
+    span = (size - 1) * dilation
+    dst[:] = 0
+    for u in range(size):
+        out = dst[u * dilation * wp:]
+        for v in range(0, size, 8):
+            o0, o1, o2, o3 = (margin - v * dilation, margin - (v + 1) * dilation,
+                              margin - (v + 2) * dilation, margin - (v + 3) * dilation)
+            o4, o5, o6, o7 = (margin - (v + 4) * dilation, margin - (v + 5) * dilation,
+                              margin - (v + 6) * dilation, margin - (v + 7) * dilation)
+            t = u * size + v
+            _dot8(out, weights[t, o0:], weights[t + 1, o1:] if v + 1 < size else zero,
+                  weights[t + 2, o2:] if v + 2 < size else zero,
+                  weights[t + 3, o3:] if v + 3 < size else zero,
+                  weights[t + 4, o4:] if v + 4 < size else zero,
+                  weights[t + 5, o5:] if v + 5 < size else zero,
+                  weights[t + 6, o6:] if v + 6 < size else zero,
+                  weights[t + 7, o7:] if v + 7 < size else zero,
+                  values[o0:], values[o1:] if v + 1 < size else zero,
+                  values[o2:] if v + 2 < size else zero, values[o3:] if v + 3 < size else zero,
+                  values[o4:] if v + 4 < size else zero, values[o5:] if v + 5 < size else zero,
+                  values[o6:] if v + 6 < size else zero, values[o7:] if v + 7 < size else zero,
+                  length + span)
 
 
 @kernel(parallel=False)
@@ -310,7 +326,7 @@ def _forward(qkv, pe, rix, cix, size, dilation, stride, scale, block_rows, const
                            consts, s, top, acc)
         for c in range(d):
             if stride == 1:
-                _window_sum(acc, s, vb[c], 0, 0, size, dilation, wp, length)
+                _window_sum(acc, s, vb[c], 0, size, dilation, wp, length)
             else:
                 acc[:] = 0
                 for t in range(size * size):
@@ -322,7 +338,8 @@ def _forward(qkv, pe, rix, cix, size, dilation, stride, scale, block_rows, const
 @kernel(parallel=False)
 def _attention_weights(qb, kb, margin, rows, width, wo, wp, size, dilation, stride, length,
                        consts, s, top, total):  # pragma: no cover - compiled
-    """``s[t, margin + p]``: the softmax weights of a block (junk columns zero)."""
+    """``s[t, margin + p]``: the softmax weights of a block (zero outside ``p < length`` and in
+    the junk columns)."""
     s[:] = 0
     if stride == 1:
         _correlate(s, qb, kb, margin, size, dilation, wp, length)
@@ -348,7 +365,7 @@ def _backward(grad, qkv, pe, rix, cix, size, dilation, stride, scale, block_rows
     span = (size - 1) * dilation
     width = wp if stride == 1 else wo
     krows = (block_rows - 1) * stride + span + 1
-    margin = span * wp + span if stride == 1 else 0
+    margin = span if stride == 1 else 0  # zeros before and after each row's data
     buffer = margin + krows * wp
     pad = span // 2
     inner = min(qkv.shape[5], wp - pad)  # padded columns that are columns 0 .. inner - 1
@@ -371,6 +388,7 @@ def _backward(grad, qkv, pe, rix, cix, size, dilation, stride, scale, block_rows
             gv = np.empty(krows * wp, dtype=qkv.dtype)
             acc = np.empty(buffer, dtype=qkv.dtype)
             top = np.empty(buffer, dtype=qkv.dtype)
+            zero = np.zeros(buffer, dtype=qkv.dtype)
             _load_block(qkv, pe, b, h, i0, rows, used, stride, scale, rix, cix, width, margin,
                         qb, kb, vb)
             _load_rows(grad, b, h, i0, rows, width, margin, gb)
@@ -395,9 +413,11 @@ def _backward(grad, qkv, pe, rix, cix, size, dilation, stride, scale, block_rows
                     gs[t, margin + r * width + wo:margin + (r + 1) * width] = 0
             for c in range(d):
                 if stride == 1:
-                    _window_sum(acc, gs, kb[c], margin, 0, size, dilation, wp, length)
-                    _window_sum(gk, gs, qb[c], margin, -1, size, dilation, wp, used * wp)
-                    _window_sum(gv, ab, gb[c], margin, -1, size, dilation, wp, used * wp)
+                    _window_sum(acc, gs, kb[c], margin, size, dilation, wp, length)
+                    _scatter_rows(gk[:used * wp], gs, qb[c], margin, size, dilation, wp, length,
+                                  zero)
+                    _scatter_rows(gv[:used * wp], ab, gb[c], margin, size, dilation, wp, length,
+                                  zero)
                 else:
                     acc[:] = 0
                     gk[:] = 0
