@@ -19,7 +19,7 @@ from torch import nn
 from ..core.counting import map_elements
 from ..core.validation import check_positive_int
 from ..layers import same_padding
-from ..ops import use_fast_path, window_attention
+from ..ops import use_fast_path, window_attention, window_attention_add_
 from ..registry import register_block
 from .base import Block, ExplainKey
 
@@ -312,7 +312,8 @@ class ACmix(Block):
         ``d`` reads exactly the 3 * head channels ``(s, head)`` of channel ``d``, ``fc`` followed
         by ``dep_conv`` is one grouped ``kernel_conv x kernel_conv`` convolution over it, with
         weights ``sum_t dep_conv[o, t] * fc[t, j]`` (times ``rate2``): neither the stacked
-        ``fc`` input nor its regrouped output is materialised.
+        ``fc`` input nor its regrouped output is materialised. Without autograd, the operator
+        adds ``rate1 * attention`` into the convolution's output in place.
         """
         n, _, h, w = x.shape
         heads, d = self.head, self.head_dim
@@ -325,14 +326,18 @@ class ACmix(Block):
         bias = stacked(self.conv1.bias, self.conv2.bias, self.conv3.bias)
         qkv = F.conv2d(x, weight, bias).contiguous()
         pe = self.conv_p(position_grid(h, w, x))[0]
-        att = window_attention(qkv.view(n, d, 3, heads, h, w), pe, self.kernel_att,
-                               self.dilation, self.stride, d**-0.5)
         conv_weight = torch.einsum(
             "otkl,tj->ojkl", self.dep_conv.weight, self.fc.weight.flatten(1)
         ) * self.rate2
         conv = F.conv2d(qkv, conv_weight, None, self.dep_conv.stride, self.dep_conv.padding,
-                        groups=d)
-        return torch.addcmul(conv, self.rate1, att.view(n, self.out_channels, *att.shape[-2:]))
+                        groups=d).contiguous()
+        qkv = qkv.view(n, d, 3, heads, h, w)
+        attention = (self.kernel_att, self.dilation, self.stride, d**-0.5)
+        if torch.is_grad_enabled() and (conv.requires_grad or qkv.requires_grad):
+            att = window_attention(qkv, pe, *attention)
+            return torch.addcmul(conv, self.rate1, att.view(conv.shape))
+        window_attention_add_(conv, self.rate1, qkv, pe, *attention)  # inference: in place
+        return conv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)

@@ -14,7 +14,7 @@ from ._backend import (
     path_description,
     use_fast_path,
 )
-from .acmix import window_attention, window_attention_backward
+from .acmix import window_attention, window_attention_add_, window_attention_backward
 from .deform import deform_conv2d, deform_conv2d_backward, deform_conv2d_op, finite_offset
 from .involution import involution_aggregate, involution_aggregate_backward
 
@@ -32,5 +32,6 @@ __all__ = [
     "path_description",
     "use_fast_path",
     "window_attention",
+    "window_attention_add_",
     "window_attention_backward",
 ]

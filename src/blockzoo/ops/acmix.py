@@ -292,17 +292,22 @@ def _load_rows(src, b, h, i0, rows, width, margin, dst):  # pragma: no cover - c
 
 
 @kernel(parallel=False)
-def _store_rows(src, rows, width, dst, b, h, c, i0):  # pragma: no cover - compiled
-    """``dst[b, h, c, i0 + r, j] = src[r * width + j]``."""
+def _store_rows(src, rows, width, dst, b, h, c, i0, rate, add):  # pragma: no cover - compiled
+    """``dst[b, h, c, i0 + r, j] = src[r * width + j]``, or ``+= rate[0] * src[...]``."""
+    factor = rate[0]
     for r in range(rows):
         row, seg = dst[b, h, c, i0 + r], src[r * width:]
-        for j in range(row.shape[0]):
-            row[j] = seg[j]
+        if add:
+            for j in range(row.shape[0]):
+                row[j] += factor * seg[j]
+        else:
+            for j in range(row.shape[0]):
+                row[j] = seg[j]
 
 
 @kernel()
-def _forward(qkv, pe, rix, cix, size, dilation, stride, scale, block_rows, consts,
-             out):  # pragma: no cover - compiled
+def _forward(qkv, pe, rix, cix, size, dilation, stride, scale, block_rows, consts, out, rate,
+             add):  # pragma: no cover - compiled
     n, d, _, heads, _, _ = qkv.shape
     ho, wo = out.shape[3], out.shape[4]
     wp = cix.shape[0]
@@ -332,7 +337,7 @@ def _forward(qkv, pe, rix, cix, size, dilation, stride, scale, block_rows, const
                 for t in range(size * size):
                     _gather_products(acc, s[t], vb[c], _tap(size, dilation, wp, t), rows,
                                      width, wo, wp, stride)
-            _store_rows(acc, rows, width, out, b, h, c, i0)
+            _store_rows(acc, rows, width, out, b, h, c, i0, rate, add)
 
 
 @kernel(parallel=False)
@@ -495,16 +500,23 @@ def window_attention(
     Wo)``, and that much less memory held between the passes).
     """
     _check(qkv, pe)
+    n, d, _, heads, h, w = qkv.shape
+    out = qkv.new_empty(n, heads, d, (h + stride - 1) // stride, (w + stride - 1) // stride)
+    _run_forward(qkv, pe, size, dilation, stride, scale, out, None)
+    return out
+
+
+def _run_forward(qkv: torch.Tensor, pe: torch.Tensor, size: int, dilation: int, stride: int,
+                 scale: float, out: torch.Tensor, rate: torch.Tensor | None) -> None:
+    """Write the attention into ``out`` (``rate is None``) or add ``rate * attention`` to it."""
     qkv, pe = qkv.contiguous(), pe.contiguous()
-    n, d, _, heads = qkv.shape[:4]
-    ho, wo, block_rows, rows, cols = _geometry(qkv, size, dilation, stride, False)
-    out = qkv.new_empty(n, heads, d, ho, wo)
+    _, _, block_rows, rows, cols = _geometry(qkv, size, dilation, stride, False)
     if out.numel():
+        factor = qkv.new_ones(1) if rate is None else rate.detach().reshape(1)
         with kernel_threads():
             _forward(as_array(qkv), as_array(pe), rows.numpy(), cols.numpy(), size, dilation,
                      stride, _scalar(scale, qkv), block_rows, _exp_constants(qkv.dtype),
-                     as_array(out))
-    return out
+                     as_array(out), as_array(factor), rate is not None)
 
 
 @window_attention.register_fake
@@ -512,6 +524,26 @@ def _(qkv, pe, size, dilation, stride, scale):
     _check(qkv, pe)
     n, d, _, heads, h, w = qkv.shape
     return qkv.new_empty(n, heads, d, (h + stride - 1) // stride, (w + stride - 1) // stride)
+
+
+@torch.library.custom_op("blockzoo::window_attention_add_", mutates_args=("out",))
+def window_attention_add_(
+    out: torch.Tensor, rate: torch.Tensor, qkv: torch.Tensor, pe: torch.Tensor, size: int,
+    dilation: int, stride: int, scale: float,
+) -> None:
+    """``out += rate * window_attention(qkv, pe, ...)`` in place, for inference (no autograd):
+    ``out`` contiguous ``(B, heads * D, Ho, Wo)``, ``rate`` one element. Spares the block a
+    separate output and a pass over it."""
+    _check(qkv, pe)
+    torch._check(out.is_contiguous() and rate.numel() == 1, lambda: "out, rate")
+    n, d, _, heads = qkv.shape[:4]
+    _run_forward(qkv, pe, size, dilation, stride, scale,
+                 out.view(n, heads, d, *out.shape[-2:]), rate)
+
+
+@window_attention_add_.register_fake
+def _(out, rate, qkv, pe, size, dilation, stride, scale):
+    _check(qkv, pe)
 
 
 @torch.library.custom_op("blockzoo::window_attention_backward", mutates_args=())
