@@ -326,9 +326,9 @@ class ACmix(Block):
         bias = stacked(self.conv1.bias, self.conv2.bias, self.conv3.bias)
         qkv = F.conv2d(x, weight, bias).contiguous()
         pe = self.conv_p(position_grid(h, w, x))[0]
-        conv_weight = torch.einsum(
+        conv_weight = torch.einsum(  # contiguous: a strided weight takes a slower conv
             "otkl,tj->ojkl", self.dep_conv.weight, self.fc.weight.flatten(1)
-        ) * self.rate2
+        ).mul(self.rate2).contiguous()
         conv = F.conv2d(qkv, conv_weight, None, self.dep_conv.stride, self.dep_conv.padding,
                         groups=d).contiguous()
         qkv = qkv.view(n, d, 3, heads, h, w)
