@@ -392,6 +392,109 @@ def test_window_attention_opcheck() -> None:
     torch.library.opcheck(ops.window_attention, (qkv, pe, 3, 1, 1, 0.5))
     torch.library.opcheck(ops.window_attention, (qkv, pe, 3, 1, 2, 0.5))
     torch.library.opcheck(ops.window_attention, (qkv, pe, 5, 2, 1, 1.0))
+    out = torch.randn(2, 6, 3, 2)
+    torch.library.opcheck(ops.window_attention_add_,
+                          (out, torch.ones(1), qkv.detach(), pe.detach(), 3, 1, 2, 0.5))
+    x, weight = torch.randn(2, 6, 5, 4, requires_grad=True), torch.randn(4, 3, 3, 3)
+    torch.library.opcheck(ops.grouped_conv2d, (x, weight.requires_grad_(), 2, 1, 2))
+
+
+def _heads_reference(qkv: torch.Tensor, pe: torch.Tensor, size: int, dilation: int, stride: int,
+                     scale: float) -> torch.Tensor:
+    """``window_attention`` through the unfold reference: ``(B, heads, D, Ho, Wo)``."""
+    n, d, _, heads, h, w = qkv.shape
+    q, k, v = (qkv[:, :, i].transpose(1, 2).reshape(n * heads, d, h, w) for i in range(3))
+    out = acmix_attention_unfold_reference(q * scale, k, v, pe[None], size, dilation, stride)
+    return out.reshape(n, heads, d, *out.shape[-2:])
+
+
+@needs_numba
+@pytest.mark.parametrize(
+    ("d", "h", "w", "size", "dilation", "stride"),
+    [(16, 9, 8, 7, 1, 1),  # eight-channel groups
+     (12, 30, 9, 7, 1, 1),  # a remainder of channels; several row blocks of each parity
+     (5, 33, 9, 3, 1, 2),  # stride 2, several blocks
+     (8, 6, 5, 3, 2, 1),  # dilation
+     (3, 2, 3, 7, 1, 1),  # window larger than the map: iterated reflection
+     (4, 1, 1, 3, 1, 2)],  # one pixel
+)
+def test_window_attention_op_matches_a_float64_reference(d, h, w, size, dilation, stride) -> None:
+    """The operator (q, k, v read from the fused projection layout, scaling, position encoding
+    and reflection padding inside) against the unfold reference in float64: output and the
+    gradients to ``qkv`` and ``pe``, in float32 and float64."""
+    qkv64 = torch.randn(2, d, 3, 2, h, w, dtype=torch.float64)
+    pe64 = torch.randn(d, h, w, dtype=torch.float64)
+    grad64 = torch.randn(2, 2, d, -(-h // stride), -(-w // stride), dtype=torch.float64)
+    inputs = (qkv64.requires_grad_(), pe64.requires_grad_())
+    expected = _grads(lambda a, b: _heads_reference(a, b, size, dilation, stride, 0.3), inputs,
+                      grad64)
+    for dtype, tol in ((torch.float64, {"rtol": 1e-10, "atol": 1e-10}), (torch.float32, TOL)):
+        cast = tuple(t.detach().to(dtype).requires_grad_() for t in inputs)
+        fast = _grads(lambda a, b: ops.window_attention(a, b, size, dilation, stride, 0.3), cast,
+                      grad64.to(dtype))
+        _assert_same([t.double() for t in fast], expected, **tol)
+
+
+@needs_numba
+def test_window_attention_op_gradcheck_float64() -> None:
+    for size, dilation, stride in ((3, 1, 2), (3, 2, 1), (5, 1, 1)):
+        qkv = torch.randn(1, 3, 3, 2, 5, 4, dtype=torch.float64, requires_grad=True)
+        pe = torch.randn(3, 5, 4, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(
+            lambda a, b, s=size, dl=dilation, st=stride: ops.window_attention(a, b, s, dl, st,
+                                                                              0.5),
+            (qkv, pe),
+        )
+
+
+@needs_numba
+@pytest.mark.parametrize(("stride", "kwargs"), [(1, {}), (2, {}),
+                                                (2, {"head": 2, "kernel_att": 5, "dilation": 2,
+                                                     "kernel_conv": 5})])
+def test_acmix_fused_block_equals_the_reference_path(stride, kwargs) -> None:
+    """The block on the fused path (one q/k/v projection, ``fc`` folded into ``dep_conv``, the
+    attention operator) against its PyTorch form: float64 to 1e-10 for the output and the
+    gradients of the input and every parameter; float32 output and input gradient to 1e-5."""
+    block = bz.ACmix(8, 16, stride, **kwargs).double()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # rates and shift kernels off their init
+    x = torch.randn(2, 8, 11, 9, dtype=torch.float64, requires_grad=True)
+    inputs = (x, *block.parameters())
+    grad = torch.randn(2, 16, -(-11 // stride), -(-9 // stride), dtype=torch.float64)
+    fast = _grads(lambda *_: block(x), inputs, grad)
+    with ops.fast_ops(False):
+        reference = _grads(lambda *_: block(x), inputs, grad)
+    _assert_same(fast, reference, rtol=1e-10, atol=1e-10)
+    block.float()
+    x32 = x.detach().float().requires_grad_()
+    fast32 = _grads(block, (x32,), grad.float())
+    _assert_same(fast32, [t.float() for t in reference[:2]])
+
+
+@needs_numba
+def test_acmix_inference_adds_the_attention_in_place() -> None:
+    """Without autograd the attention operator adds ``rate1 * attention`` into the conv path's
+    output (``window_attention_add_``), with the reference result, eagerly and compiled."""
+    block = bz.ACmix(16, 16).eval()
+    with torch.no_grad():
+        block.rate1.fill_(0.7)
+        x = torch.randn(2, 16, 9, 7)
+        with torch.profiler.profile() as prof:
+            y = block(x)
+        names = {event.name for event in prof.events()}
+        assert "blockzoo::window_attention_add_" in names
+        assert "blockzoo::window_attention" not in names
+        with ops.fast_ops(False):
+            expected = block(x)
+        torch.testing.assert_close(y, expected, **TOL)
+        torch._dynamo.reset()
+        compiled = torch.compile(block, fullgraph=True)
+        torch.testing.assert_close(compiled(x), expected, **TOL)
+    y = block(x.requires_grad_())  # with autograd: the out-of-place operator
+    torch.testing.assert_close(y, expected, **TOL)
+    y.sum().backward()
+    assert block.rate1.grad is not None
 
 
 @pytest.mark.parametrize("fast", [True, False])

@@ -19,7 +19,7 @@ from torch import nn
 from ..core.counting import map_elements
 from ..core.validation import check_positive_int
 from ..layers import same_padding
-from ..ops import use_fast_path, window_attention, window_attention_add_
+from ..ops import grouped_conv2d, use_fast_path, window_attention, window_attention_add_
 from ..registry import register_block
 from .base import Block, ExplainKey
 
@@ -306,7 +306,7 @@ class ACmix(Block):
     def fused_forward(self, x: torch.Tensor) -> torch.Tensor:
         """:meth:`forward` on the compiled window attention, with the same parameters.
 
-        One 1x1 convolution computes ``q, k, v`` (the three weights stacked at call time) into
+        One matrix product computes ``q, k, v`` (the three weights stacked at call time) into
         a ``(N, D, 3, head, H, W)`` layout: the attention operator reads it in place (scaling,
         position encoding and reflection padding inside), and, since each ``dep_conv`` group
         ``d`` reads exactly the 3 * head channels ``(s, head)`` of channel ``d``, ``fc`` followed
@@ -322,16 +322,19 @@ class ACmix(Block):
             t = torch.stack(tensors).unflatten(1, (heads, d))
             return t.movedim(2, 0).flatten(0, 2)
 
-        weight = stacked(self.conv1.weight, self.conv2.weight, self.conv3.weight)
+        weight = stacked(self.conv1.weight, self.conv2.weight, self.conv3.weight).flatten(1)
         bias = stacked(self.conv1.bias, self.conv2.bias, self.conv3.bias)
-        qkv = F.conv2d(x, weight, bias).contiguous()
-        pe = self.conv_p(position_grid(h, w, x))[0]
+        # 1x1 convolutions as matrix products: PyTorch's 1x1 conv on one thread and a small
+        # batch takes a slow path, and torch.compile keeps these planar (see grouped_conv2d)
+        qkv = torch.baddbmm(bias[:, None], weight.expand(n, -1, -1), x.flatten(2))
+        grid = position_grid(h, w, x).flatten(2)[0]
+        pe = torch.addmm(self.conv_p.bias[:, None], self.conv_p.weight.flatten(1), grid)
         conv_weight = torch.einsum(  # contiguous: a strided weight takes a slower conv
             "otkl,tj->ojkl", self.dep_conv.weight, self.fc.weight.flatten(1)
         ).mul(self.rate2).contiguous()
-        conv = F.conv2d(qkv, conv_weight, None, self.dep_conv.stride, self.dep_conv.padding,
-                        groups=d).contiguous()
-        qkv = qkv.view(n, d, 3, heads, h, w)
+        qkv = qkv.view(n, 3 * self.out_channels, h, w)
+        conv = grouped_conv2d(qkv, conv_weight, self.stride, self.dep_conv.padding[0], d)
+        qkv, pe = qkv.view(n, d, 3, heads, h, w), pe.view(d, h, w)
         attention = (self.kernel_att, self.dilation, self.stride, d**-0.5)
         if torch.is_grad_enabled() and (conv.requires_grad or qkv.requires_grad):
             att = window_attention(qkv, pe, *attention)

@@ -14,7 +14,12 @@ from ._backend import (
     path_description,
     use_fast_path,
 )
-from .acmix import window_attention, window_attention_add_, window_attention_backward
+from .acmix import (
+    grouped_conv2d,
+    window_attention,
+    window_attention_add_,
+    window_attention_backward,
+)
 from .deform import deform_conv2d, deform_conv2d_backward, deform_conv2d_op, finite_offset
 from .involution import involution_aggregate, involution_aggregate_backward
 
@@ -27,6 +32,7 @@ __all__ = [
     "fast_ops_available",
     "fast_ops_enabled",
     "finite_offset",
+    "grouped_conv2d",
     "involution_aggregate",
     "involution_aggregate_backward",
     "path_description",

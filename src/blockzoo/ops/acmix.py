@@ -581,3 +581,48 @@ def _backward_formula(ctx, grad_out):
 
 
 window_attention.register_autograd(_backward_formula, setup_context=_setup_context)
+
+
+@torch.library.custom_op("blockzoo::grouped_conv2d", mutates_args=())
+def grouped_conv2d(
+    x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, groups: int
+) -> torch.Tensor:
+    """``F.conv2d(x, weight, None, stride, padding, groups=groups)`` as one opaque operator.
+
+    ACmix's convolution path reads the attention operator's planar ``qkv`` tensor. Written as an
+    ``aten.convolution``, ``torch.compile`` on CPU lays every convolution's input and output out
+    channels-last, which costs copies of ``qkv`` and of the output around the attention operator
+    (measured slower than eager); behind a custom operator the tensors stay planar.
+    """
+    return torch.nn.functional.conv2d(x, weight, None, stride, padding, 1, groups).contiguous()
+
+
+@grouped_conv2d.register_fake
+def _(x, weight, stride, padding, groups):
+    n, _, h, w = x.shape
+    k = weight.shape[-1]
+    size = lambda m: (m + 2 * padding - k) // stride + 1  # noqa: E731
+    return x.new_empty(n, weight.shape[0], size(h), size(w))
+
+
+def _conv_setup_context(ctx, inputs, output) -> None:
+    x, weight, stride, padding, groups = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.geometry = (stride, padding, groups)
+
+
+def _conv_backward(ctx, grad):
+    """Both gradients on channels-last copies: oneDNN's grouped weight gradient on planar
+    tensors measured 2-4x slower than the copies and the channels-last pass together."""
+    x, weight = ctx.saved_tensors
+    stride, padding, groups = ctx.geometry
+    last = torch.channels_last
+    grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
+        grad.contiguous(memory_format=last), x.contiguous(memory_format=last), weight, None,
+        [stride] * 2, [padding] * 2, [1, 1], False, [0, 0], groups,
+        [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False],
+    )
+    return None if grad_x is None else grad_x.contiguous(), grad_weight, None, None, None
+
+
+grouped_conv2d.register_autograd(_conv_backward, setup_context=_conv_setup_context)
