@@ -379,3 +379,37 @@ def test_in_place_add_leaves_hooked_branch_outputs_alone_in_training_too() -> No
     assert not torch.allclose(seen["branch"], y)
     y.sum().backward()
     assert x.grad is not None
+
+
+@pytest.mark.parametrize("attention", [None, "se"])
+@pytest.mark.parametrize(
+    "where", ["body", "body.conv3", "body.conv3.bn", "body.conv3.act", "attention", "attention.gate"]
+)
+def test_a_hook_handed_the_branch_output_keeps_what_it_was_handed(
+    attention: str | None, where: str
+) -> None:
+    block = bz.create_block("residual", 16, 16, attention=attention).eval()
+    randomize_norms(block)
+    try:
+        hooked = block.get_submodule(where)
+    except AttributeError:
+        pytest.skip(f"no {where} without an attention block")
+    kept: list[tuple[torch.Tensor, torch.Tensor]] = []
+    hooked.register_forward_hook(lambda m, i, o: kept.append((o, o.clone())))
+    with torch.no_grad():
+        block(torch.randn(2, 16, 5, 5))
+    (handed, copy), = kept
+    assert torch.equal(handed, copy)
+
+
+def test_the_hook_search_stops_at_the_layer_that_makes_the_branch_output() -> None:
+    from blockzoo.blocks.residual import _hook_may_see_output
+
+    block = bz.create_block("residual", 16, 16)
+    units = (block.body, block.attention)
+    assert not _hook_may_see_output(units)
+    handle = block.body[0].conv.register_forward_hook(lambda m, i, o: None)
+    assert not _hook_may_see_output(units)  # its output is not the branch output
+    handle.remove()
+    block.body.conv3.act.register_forward_hook(lambda m, i, o: None)
+    assert _hook_may_see_output(units)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -272,9 +273,10 @@ class ResidualBlock(Block):
     def _add_in_place(self, out: torch.Tensor, shortcut: torch.Tensor) -> bool:
         """Whether the shortcut may be added into the branch output ``out`` in place.
 
-        Only when nothing can read ``out`` afterwards: no forward hook inside the block or global
-        one (a hook may keep the output), the same dtype (the sum would otherwise be promoted),
-        not while ``torch.compile`` traces (it plans its own buffers), and either no autograd or
+        Only when nothing can read ``out`` afterwards: no forward hook that is handed ``out``
+        (see :func:`_hook_may_see_output`) and no global one (a hook may keep the output), the
+        same dtype (the sum would otherwise be promoted), not while ``torch.compile`` traces (it
+        plans its own buffers), and either no autograd or
         a branch that ends in a norm layer (no attention block; the norm's backward pass does
         not read its output, whereas a user's attention block may save its own). The sum then
         takes no new tensor, as torchvision's ``out += identity``. ``x`` is never written; the
@@ -284,7 +286,7 @@ class ResidualBlock(Block):
             out.dtype != shortcut.dtype
             or torch.compiler.is_compiling()
             or _global_forward_hooks
-            or _has_forward_hook(self)
+            or _hook_may_see_output((self.body, self.attention))
         ):
             return False
         return not (torch.is_grad_enabled() and out.requires_grad) or self._ends_in_norm()
@@ -315,6 +317,41 @@ def _has_forward_hook(module: nn.Module) -> bool:
         return True
     return any(child is not None and _has_forward_hook(child)
                for child in module._modules.values())
+
+
+#: Modules whose forward returns a new tensor computed from their input, never the input itself.
+_FRESH_OUTPUT = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.GroupNorm,
+                 nn.Linear)
+
+
+def _hook_may_see_output(units: Sequence[nn.Module]) -> bool:
+    """True when a forward hook may be handed the tensor that the chain ``units`` returns.
+
+    Walking back from the last unit: a conv or norm layer returns a new tensor, so only its own
+    hooks matter and the walk stops; an ``nn.Sequential`` is walked the same way inside; any
+    other unit (an Identity, an in-place activation, an attention block) may hand its input on,
+    so its whole subtree is searched and the walk goes on to the unit before it. A few attribute
+    tests for a plain branch, where searching every module of the block on every forward would
+    cost more.
+    """
+    return _walk_back(units) is not False
+
+
+def _walk_back(units: Sequence[nn.Module]) -> bool | None:
+    """``True``: a hook may see the chain's output; ``False``: none can and a unit returned a new
+    tensor; ``None``: none found, but the chain may return its input unchanged."""
+    for unit in reversed(units):
+        if unit._forward_hooks:
+            return True
+        if isinstance(unit, _FRESH_OUTPUT):
+            return False
+        if isinstance(unit, nn.Sequential):
+            inner = _walk_back(unit)
+            if inner is not None:
+                return inner
+        elif _has_forward_hook(unit):
+            return True
+    return None
 
 
 @register_block(
