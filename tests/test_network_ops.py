@@ -1,4 +1,4 @@
-"""blockzoo's plain networks run exactly torchvision's operators (so no slower by construction).
+"""blockzoo's plain networks run exactly their twins' operators (no slower by construction).
 
 The time and memory comparison itself is ``benchmarks/bench_models.py``; this test guards the
 cause of parity: the same convolutions, norms, activations, adds and pools, with the same shapes
@@ -48,5 +48,16 @@ def test_plain_networks_run_torchvisions_operators(name: str, twin: str, train: 
     mine = _operators(bz.create_model(name), x, train)
     theirs = _operators(getattr(torchvision.models, twin)(), x, train)
     assert sum(mine.values()) > 100
+    assert mine == theirs, {k: (mine[k], theirs[k]) for k in set(mine) | set(theirs)
+                            if mine[k] != theirs[k]}
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval-forward", "train-forward-backward"])
+def test_se_resnet50_runs_timms_seresnet50_operators(train: bool) -> None:
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    mine = _operators(bz.create_model("se_resnet50"), x, train)
+    theirs = _operators(timm.create_model("seresnet50"), x, train)
     assert mine == theirs, {k: (mine[k], theirs[k]) for k in set(mine) | set(theirs)
                             if mine[k] != theirs[k]}
