@@ -91,11 +91,89 @@ def test_involution_gradcheck_float64(fast: bool, stride: int) -> None:
 @needs_numba
 def test_involution_opcheck() -> None:
     x, kernel = _involution_operands(1, 4, 5, 4, 2, 3, 1)
-    xp = torch.nn.functional.pad(x.detach(), (1, 1, 1, 1)).requires_grad_()
-    torch.library.opcheck(ops.involution_aggregate, (xp, kernel, 1))
-    xp = torch.nn.functional.pad(x.detach(), (1, 2, 1, 2)).requires_grad_()
-    kernel = torch.randn(1, 2, 3, 3, 3, 2, requires_grad=True)
-    torch.library.opcheck(ops.involution_aggregate, (xp, kernel, 2))
+    rows = torch.randn(1, 2, 3, 3, 5, 4 + 1, requires_grad=True)  # rows padded by (K - 1) / 2
+    torch.library.opcheck(ops.involution_aggregate, (x, rows, 1))
+    rows = torch.randn(1, 2, 3, 3, 3, 2 + 1, requires_grad=True)
+    torch.library.opcheck(ops.involution_aggregate, (x, rows, 2))
+
+
+def _naive_involution(x: torch.Tensor, kernel: torch.Tensor, stride: int) -> torch.Tensor:
+    """The defining sum, one offset at a time, on a zero-padded float64 copy."""
+    n, c, h, w = x.shape
+    groups, k, ho, wo = kernel.shape[1], kernel.shape[2], kernel.shape[4], kernel.shape[5]
+    p = (k - 1) // 2
+    xp = torch.nn.functional.pad(x.double(), (p, p + stride, p, p + stride))
+    weights = kernel.double().repeat_interleave(c // groups, dim=1)
+    out = torch.zeros(n, c, ho, wo, dtype=torch.float64)
+    for u in range(k):
+        for v in range(k):
+            window = xp[:, :, u:u + stride * ho:stride, v:v + stride * wo:stride]
+            out += weights[:, :, u, v] * window
+    return out
+
+
+@needs_numba
+@pytest.mark.parametrize(("h", "w", "k"), [(45, 37, 7), (40, 13, 3), (31, 30, 5)])
+def test_involution_kernel_rows_in_several_blocks_match_the_naive_sum(h, w, k) -> None:
+    """Maps large enough that the operator splits each plane into blocks of rows (the last one
+    shorter), with the seven-offset pass (K = 7) and the one-offset pass (other K): output and
+    both gradients against the float64 sum, in float32 and float64."""
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-4)):
+        x, kernel = _involution_operands(2, 32, h, w, 2, k, 1, dtype)
+        grad = torch.randn(2, 32, h, w, dtype=dtype)
+        got = _grads(lambda a, b: involution2d(a, b), (x, kernel), grad)
+        x64 = x.detach().double().requires_grad_()
+        k64 = kernel.detach().double().requires_grad_()
+        expected = _grads(lambda a, b: _naive_involution(a, b, 1), (x64, k64), grad.double())
+        for a, b in zip(got, expected, strict=True):
+            torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol)
+
+
+@needs_numba
+@pytest.mark.parametrize("stride", [1, 2])
+def test_involution_operator_takes_kernel_rows_padded_by_ignored_values(stride: int) -> None:
+    """A kernel ``(N, G, K, K, Ho, Wo + p)`` gives the results of its first ``Wo`` columns,
+    whatever finite values the padding holds, and a gradient of exactly zero there, also next
+    to non-finite inputs."""
+    x, kernel = _involution_operands(2, 32, 30, 20, 2, 7, stride)
+    x = x.detach().clone()
+    x[0, 3, 5, -1] = float("inf")
+    kernel = kernel.detach()
+    rows = torch.cat([kernel, torch.randn(*kernel.shape[:-1], 3) * 1e3], dim=-1)
+    grad = torch.randn(2, 32, kernel.shape[4], kernel.shape[5])
+    plain = _grads(lambda a, b: ops.involution_aggregate(a, b, stride),
+                   (x.requires_grad_(), kernel.requires_grad_()), grad)
+    padded = _grads(lambda a, b: ops.involution_aggregate(a, b, stride),
+                    (x, rows.requires_grad_()), grad)
+    torch.testing.assert_close(padded[0], plain[0], equal_nan=True, rtol=0, atol=0)
+    torch.testing.assert_close(padded[1], plain[1], equal_nan=True, **TOL)
+    torch.testing.assert_close(padded[2][..., :-3], plain[2], equal_nan=True, **TOL)
+    assert (padded[2][..., -3:] == 0).all()
+    assert not plain[0].isfinite().all() and not plain[2].isfinite().all()
+
+
+@needs_numba
+@pytest.mark.parametrize("stride", [1, 2])
+def test_involution_block_fast_path_equals_its_reference_form(stride: int) -> None:
+    """The block makes the operator's padded kernel rows with its own 1x1 conv: output, input
+    gradient and every parameter gradient equal the reference form's (train mode, float64:
+    in float32 the batch norm's backward alone differs by more than 1e-5 between any two
+    summation orders)."""
+    torch.manual_seed(0)
+    block = bz.Involution(32, stride=stride, dtype=torch.float64).train()
+    x = torch.randn(2, 32, 29, 23, requires_grad=True, dtype=torch.float64)
+    grad = torch.randn(2, 32, -(-29 // stride), -(-23 // stride), dtype=torch.float64)
+    results = []
+    for fast in (True, False):
+        with ops.fast_ops(fast), torch.profiler.profile() as prof:
+            out = block(x)
+            grads = torch.autograd.grad(out, (x, *block.parameters()), grad)
+        names = {event.name for event in prof.events()}
+        assert ("blockzoo::involution_aggregate_backward" in names) == fast
+        results.append((out, *grads))
+    _assert_same(*results, rtol=1e-10, atol=1e-10)
+    with ops.fast_ops(True):
+        assert block.generate_kernel(x).shape == (2, 2, 7, 7, -(-29 // stride), -(-23 // stride))
 
 
 @pytest.mark.parametrize("fast", [True, False])

@@ -164,9 +164,7 @@ def involution2d(x: torch.Tensor, kernel: torch.Tensor, stride: int = 1) -> torc
     x, kernel = x.to(dtype), kernel.to(dtype)
     n, c, h, w = x.shape
     if use_fast_path(x, kernel):
-        p = (k - 1) // 2
-        xp = F.pad(x, (p, p + (-w) % stride, p, p + (-h) % stride))
-        return involution_aggregate(xp, kernel, stride)
+        return involution_aggregate(x, kernel, stride)
     xp = _grouped_padded(x, groups, k, stride)
     if torch.is_grad_enabled() and (x.requires_grad or kernel.requires_grad):
         out = _Involution.apply(xp, kernel, stride)
@@ -271,14 +269,30 @@ class Involution(Block):
 
     def generate_kernel(self, x: torch.Tensor) -> torch.Tensor:
         """The per-position kernels ``(N, G, K, K, ceil(H / s), ceil(W / s))`` for input ``x``."""
+        return self._kernel(x, 0)
+
+    def _kernel(self, x: torch.Tensor, extra_columns: int) -> torch.Tensor:
+        """:meth:`generate_kernel` with ``extra_columns`` more values after each row: the 1x1
+        convs run on the reduced map padded by zero columns on the right (the extra values are
+        the last conv's bias)."""
         if self.stride > 1:
             x = ceil_avg_pool(x, self.stride)
-        weight = self.span(self.reduce(x))
+        reduced = self.reduce(x)
+        if extra_columns:
+            reduced = F.pad(reduced, (0, extra_columns))
+        weight = self.span(reduced)
         k = self.kernel_size
         return weight.reshape(x.shape[0], self.groups, k, k, weight.shape[2], weight.shape[3])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
+        if self.stride == 1 and use_fast_path(x, self.span.weight):
+            # the compiled operator runs on kernel rows padded by (K - 1) / 2 values: made by
+            # the 1x1 conv itself here, instead of a padded copy of the kernel
+            kernel = self._kernel(x, self.kernel_size // 2)
+            if use_fast_path(x, kernel):  # not under autocast, whose conv gives bfloat16
+                return involution_aggregate(x, kernel, 1)
+            return involution2d(x, kernel[..., :x.shape[3]], 1)
         return involution2d(x, self.generate_kernel(x), self.stride)
 
     def explain(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

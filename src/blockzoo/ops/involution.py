@@ -3,26 +3,152 @@
 Involution: Inverting the Inherence of Convolution for Visual Recognition, Li et al., CVPR 2021,
 arXiv 2103.06255
 
-``out[n, c, i, j] = sum_{u, v} kernel[n, g(c), u, v, i, j] * xp[n, c, i * s + u, j * s + v]`` on
-the zero-padded input ``xp`` (see :func:`blockzoo.blocks.involution.involution2d`). The kernels
-loop over rows: each parallel job owns one output row of one channel group, keeps the ``K * K``
-kernel rows of that position in cache for the group's channels, and adds ``K * K`` shifted input
-rows into the output row (a contiguous, vectorised inner loop for stride 1). The backward pass
-gathers into rows of the padded input gradient (each row written by one job, so the result is
-deterministic) and reduces the kernel gradient over the group's channels in a fixed order.
+``out[n, c, i, j] = sum_{u, v} kernel[n, g(c), u, v, i, j] * x[n, c, i * s + u - p, j * s + v - p]``
+with zero padding ``p = (K - 1) / 2`` (see :func:`blockzoo.blocks.involution.involution2d`).
+
+The kernel may come with its rows padded: ``(N, G, K, K, Ho, Wo + p)``, the last ``p`` values
+of each row ignored (they must be finite: they multiply zeros), which the ``Involution`` block
+produces at no cost (its last 1x1 conv runs on a map padded by ``p`` zero columns); a plain
+``(N, G, K, K, Ho, Wo)`` kernel is padded here (a copy).
+
+Stride 1 runs on flat rows. With the row pitch ``P = W + p``, the input padded by ``p`` zero
+columns on the left (the right padding of a row is the left padding of the next) and ``p`` zero
+rows above and below holds the value that output ``t = i * P + j`` reads at offset ``(u, v)`` at
+``t + u * P + v``, and the kernel's padded rows hold its weight at ``t``. Each offset is then one
+contiguous multiply-add over several rows at once (long loops the compiler vectorises, whatever
+the map width: rows of 14 values alone would run scalar), and the ``K = 7`` offsets of a kernel
+row are added in one pass (one accumulator load and store for seven products: the loop is bound
+by loads and stores). A job takes a block of rows of one channel group, so the kernel rows of
+the block stay in cache for all the group's channels.
+
+Backward: the kernel gradient per block of output rows (summed over the group's channels in
+order), the input gradient per block of input rows (each gathers the products that read it,
+offsets in order): every job owns what it writes and every sum runs in a fixed order, so the
+results are deterministic. Other strides run row loops on a zero-padded input.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ._backend import as_array, kernel, kernel_threads, prange
 
+# Values per flat loop: a few hundred keep the vector loops long and the K * K kernel rows of a
+# block in cache for all the channels of its group.
+_SPAN = 480
+
+
+@kernel(parallel=False)
+def _add_one(acc, weight, x, span):  # pragma: no cover - compiled
+    for t in range(span):
+        acc[t] += weight[t] * x[t]
+
+
+@kernel(parallel=False)
+def _add_seven(acc, weight, row, start, x, span):  # pragma: no cover - compiled
+    """``acc[t] += sum_{v < 7} weight[row + v, start + t] * x[t + v]`` for ``t < span``, added
+    in the order of ``v`` (the same sums as seven :func:`_add_one` passes)."""
+    w0, w1, w2, w3 = weight[row, start:], weight[row + 1, start:], weight[row + 2, start:], \
+        weight[row + 3, start:]
+    w4, w5, w6 = weight[row + 4, start:], weight[row + 5, start:], weight[row + 6, start:]
+    for t in range(span):
+        s = acc[t]
+        s += w0[t] * x[t]
+        s += w1[t] * x[t + 1]
+        s += w2[t] * x[t + 2]
+        s += w3[t] * x[t + 3]
+        s += w4[t] * x[t + 4]
+        s += w5[t] * x[t + 5]
+        s += w6[t] * x[t + 6]
+        acc[t] = s
+
 
 @kernel()
-def _forward(xp, weight, stride, out):  # pragma: no cover - compiled
+def _forward_flat(xp, weight, k, rows, out):  # pragma: no cover - compiled
+    n, c, ho, wo = out.shape
+    groups = weight.shape[1]
+    pad = (k - 1) // 2
+    pitch, cg, blocks = wo + pad, c // groups, -(-ho // rows)
+    for job in prange(n * groups * blocks):
+        b, g, block = job // (groups * blocks), (job // blocks) % groups, job % blocks
+        i0 = block * rows
+        count = min(rows, ho - i0)
+        span = count * pitch - pad  # up to the last output of the block
+        acc = np.empty(rows * pitch, xp.dtype)
+        for cc in range(cg):
+            ch = g * cg + cc
+            acc[:] = 0
+            for u in range(k):
+                xs = xp[b, ch, (i0 + u) * pitch:]
+                if k == 7:  # the default size: a kernel row per pass
+                    _add_seven(acc, weight[b, g], u * k, i0 * pitch, xs, span)
+                else:
+                    for v in range(k):
+                        _add_one(acc, weight[b, g, u * k + v, i0 * pitch:], xs[v:], span)
+            for r in range(count):
+                out[b, ch, i0 + r] = acc[r * pitch:r * pitch + wo]
+
+
+@kernel()
+def _backward_kernel_flat(grad, xp, k, rows, grad_weight):  # pragma: no cover - compiled
+    """``grad (N, C, Ho, P)`` (zeros in the last ``p`` columns), ``xp`` as in the forward pass,
+    ``grad_weight (N, G, K * K, Ho * P)``."""
+    n, c, ho, pitch = grad.shape
+    groups, kk = grad_weight.shape[1], grad_weight.shape[2]
+    pad = (k - 1) // 2
+    cg, blocks = c // groups, -(-ho // rows)
+    for job in prange(n * groups * blocks):
+        b, g, block = job // (groups * blocks), (job // blocks) % groups, job % blocks
+        i0 = block * rows
+        count = min(rows, ho - i0)
+        span = count * pitch - pad
+        for uv in range(kk):
+            grad_weight[b, g, uv, i0 * pitch:(i0 + count) * pitch] = 0
+        for cc in range(cg):
+            ch = g * cg + cc
+            grow = grad[b, ch].reshape(-1)[i0 * pitch:]
+            for uv in range(kk):
+                shift = (i0 + uv // k) * pitch + uv % k
+                _add_one(grad_weight[b, g, uv, i0 * pitch:], grow, xp[b, ch, shift:], span)
+        for uv in range(kk):  # the padding columns: products with zeros, set exactly
+            for r in range(i0, i0 + count):
+                grad_weight[b, g, uv, r * pitch + pitch - pad:(r + 1) * pitch] = 0
+
+
+@kernel()
+def _backward_input_flat(grad, weight, k, rows, grad_x):  # pragma: no cover - compiled
+    """``grad (N, C, Ho, P)`` (zeros in the last ``p`` columns), ``weight (N, G, K * K, Ho * P)``,
+    ``grad_x (N, C, H, W)``."""
+    n, c, h, w = grad_x.shape
+    groups, kk = weight.shape[1], weight.shape[2]
+    pad = (k - 1) // 2
+    pitch, cg, blocks = grad.shape[3], c // groups, -(-h // rows)
+    size = h * pitch
+    for job in prange(n * groups * blocks):
+        b, g, block = job // (groups * blocks), (job // blocks) % groups, job % blocks
+        y0 = block * rows
+        count = min(rows, h - y0)
+        gx = np.empty(rows * pitch, grad.dtype)
+        for cc in range(cg):
+            ch = g * cg + cc
+            gflat = grad[b, ch].reshape(-1)
+            gx[:] = 0
+            for uv in range(kk):
+                # padded input position (y0 + pad) * pitch + q is read by output t = base + q
+                base = (y0 + pad - uv // k) * pitch - uv % k
+                lo, hi = max(0, -base), min(count * pitch, size - base)
+                if hi > lo:
+                    _add_one(gx[lo:], weight[b, g, uv, base + lo:], gflat[base + lo:], hi - lo)
+            for r in range(count):
+                grad_x[b, ch, y0 + r] = gx[r * pitch + pad:r * pitch + pad + w]
+
+
+@kernel()
+def _forward_rows(xp, weight, stride, out):  # pragma: no cover - compiled
     n, c = xp.shape[0], xp.shape[1]
-    groups, k, ho, wo = weight.shape[1], weight.shape[2], weight.shape[4], weight.shape[5]
+    groups, k, ho, wo = weight.shape[1], weight.shape[2], out.shape[2], out.shape[3]
     cg = c // groups
     for job in prange(n * groups * ho):
         b, g, i = job // (groups * ho), (job // ho) % groups, job % ho
@@ -34,18 +160,14 @@ def _forward(xp, weight, stride, out):  # pragma: no cover - compiled
                 xrow = xp[b, ch, i * stride + u]
                 for v in range(k):
                     wrow = weight[b, g, u, v, i]
-                    if stride == 1:
-                        for j in range(wo):
-                            row[j] += wrow[j] * xrow[j + v]
-                    else:
-                        for j in range(wo):
-                            row[j] += wrow[j] * xrow[j * stride + v]
+                    for j in range(wo):
+                        row[j] += wrow[j] * xrow[j * stride + v]
 
 
 @kernel()
-def _backward_input(grad, weight, stride, grad_xp):  # pragma: no cover - compiled
+def _backward_input_rows(grad, weight, stride, grad_xp):  # pragma: no cover - compiled
     n, c, hp = grad_xp.shape[0], grad_xp.shape[1], grad_xp.shape[2]
-    groups, k, ho, wo = weight.shape[1], weight.shape[2], weight.shape[4], weight.shape[5]
+    groups, k, ho, wo = weight.shape[1], weight.shape[2], grad.shape[2], grad.shape[3]
     cg = c // groups
     for job in prange(n * groups * hp):
         b, g, y = job // (groups * hp), (job // hp) % groups, job % hp
@@ -60,19 +182,15 @@ def _backward_input(grad, weight, stride, grad_xp):  # pragma: no cover - compil
                 grow = grad[b, ch, i]
                 for v in range(k):
                     wrow = weight[b, g, u, v, i]
-                    if stride == 1:
-                        for j in range(wo):
-                            row[j + v] += wrow[j] * grow[j]
-                    else:
-                        for j in range(wo):
-                            row[j * stride + v] += wrow[j] * grow[j]
+                    for j in range(wo):
+                        row[j * stride + v] += wrow[j] * grow[j]
 
 
 @kernel()
-def _backward_kernel(grad, xp, stride, grad_weight):  # pragma: no cover - compiled
+def _backward_kernel_rows(grad, xp, stride, grad_weight):  # pragma: no cover - compiled
     n, c = xp.shape[0], xp.shape[1]
     groups, k = grad_weight.shape[1], grad_weight.shape[2]
-    ho, wo = grad_weight.shape[4], grad_weight.shape[5]
+    ho, wo = grad.shape[2], grad.shape[3]
     cg = c // groups
     for job in prange(n * groups * ho):
         b, g, i = job // (groups * ho), (job // ho) % groups, job % ho
@@ -86,67 +204,117 @@ def _backward_kernel(grad, xp, stride, grad_weight):  # pragma: no cover - compi
                 xrow = xp[b, ch, i * stride + u]
                 for v in range(k):
                     gwrow = grad_weight[b, g, u, v, i]
-                    if stride == 1:
-                        for j in range(wo):
-                            gwrow[j] += grow[j] * xrow[j + v]
-                    else:
-                        for j in range(wo):
-                            gwrow[j] += grow[j] * xrow[j * stride + v]
+                    for j in range(wo):
+                        gwrow[j] += grow[j] * xrow[j * stride + v]
 
 
-def _output_shape(xp: torch.Tensor, weight: torch.Tensor) -> tuple[int, int, int, int]:
-    return xp.shape[0], xp.shape[1], weight.shape[4], weight.shape[5]
+def _padded(x: torch.Tensor, k: int, stride: int) -> torch.Tensor:
+    """Zero padding for the row loops: ``(N, C, stride * Ho + k - 1, stride * Wo + k - 1)``."""
+    p, h, w = (k - 1) // 2, x.shape[2], x.shape[3]
+    return F.pad(x, (p, p + (-w) % stride, p, p + (-h) % stride))
+
+
+def _flat_padded(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Stride 1: ``p`` zero columns on the left, ``p`` zero rows above and ``p + 1`` below,
+    flattened to ``(N, C, (H + 2p + 1) * (W + p))``: pitch ``W + p``."""
+    p = (k - 1) // 2
+    return F.pad(x, (p, 0, p, p + 1)).flatten(2)
+
+
+def _output_shape(x: torch.Tensor, stride: int) -> tuple[int, int, int, int]:
+    return x.shape[0], x.shape[1], -(-x.shape[2] // stride), -(-x.shape[3] // stride)
+
+
+def _padded_rows(weight: torch.Tensor, wo: int) -> torch.Tensor:
+    """The kernel with rows of ``wo + p`` values (a copy unless they are already)."""
+    extra = wo + weight.shape[2] // 2 - weight.shape[5]
+    return F.pad(weight, (0, extra)).contiguous() if extra else weight.contiguous()
+
+
+def _rows_per_job(rows: int, pitch: int) -> int:
+    return max(1, min(rows, -(-_SPAN // pitch)))
 
 
 @torch.library.custom_op("blockzoo::involution_aggregate", mutates_args=())
-def involution_aggregate(xp: torch.Tensor, weight: torch.Tensor, stride: int) -> torch.Tensor:
-    """``(N, C, s * Ho + K - 1, s * Wo + K - 1)`` padded input, ``(N, G, K, K, Ho, Wo)`` kernel
-    -> ``(N, C, Ho, Wo)`` (CPU, float32/float64, equal dtypes)."""
-    xp, weight = xp.contiguous(), weight.contiguous()
-    out = xp.new_empty(_output_shape(xp, weight))
+def involution_aggregate(x: torch.Tensor, weight: torch.Tensor, stride: int) -> torch.Tensor:
+    """``x (N, C, H, W)``, kernel ``(N, G, K, K, Ho, Wo)`` or ``(N, G, K, K, Ho, Wo + p)`` (rows
+    padded by ``p = (K - 1) / 2`` ignored values) -> ``(N, C, Ho, Wo)``, ``Ho = ceil(H / stride)``
+    (CPU, float32/float64, equal dtypes)."""
+    x = x.contiguous()
+    out = x.new_empty(_output_shape(x, stride))
     if out.numel():
+        k = weight.shape[2]
         with kernel_threads():
-            _forward(as_array(xp), as_array(weight), stride, as_array(out))
+            if stride == 1:
+                rows = _padded_rows(weight, x.shape[3]).flatten(2, 3).flatten(3)
+                _forward_flat(as_array(_flat_padded(x, k)), as_array(rows), k,
+                              _rows_per_job(x.shape[2], x.shape[3] + k // 2), as_array(out))
+            else:
+                xp = _padded(x, k, stride)
+                _forward_rows(as_array(xp), as_array(weight.contiguous()), stride,
+                              as_array(out))
     return out
 
 
 @involution_aggregate.register_fake
-def _(xp: torch.Tensor, weight: torch.Tensor, stride: int) -> torch.Tensor:
-    return xp.new_empty(_output_shape(xp, weight))
+def _(x: torch.Tensor, weight: torch.Tensor, stride: int) -> torch.Tensor:
+    return x.new_empty(_output_shape(x, stride))
+
+
+def _empty_gradients(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    contiguous = torch.contiguous_format
+    return (torch.empty_like(x, memory_format=contiguous),
+            torch.empty_like(weight, memory_format=contiguous))
 
 
 @torch.library.custom_op("blockzoo::involution_aggregate_backward", mutates_args=())
 def involution_aggregate_backward(
-    grad: torch.Tensor, xp: torch.Tensor, weight: torch.Tensor, stride: int
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of :func:`involution_aggregate` to the padded input and to the kernel."""
-    grad, xp, weight = grad.contiguous(), xp.contiguous(), weight.contiguous()
-    grad_xp, grad_weight = torch.empty_like(xp), torch.empty_like(weight)
-    if grad_xp.numel() and grad_weight.numel():
-        with kernel_threads():
-            _backward_input(as_array(grad), as_array(weight), stride, as_array(grad_xp))
-            _backward_kernel(as_array(grad), as_array(xp), stride, as_array(grad_weight))
-    else:
-        grad_xp.zero_()
-        grad_weight.zero_()
-    return grad_xp, grad_weight
+    """Gradients of :func:`involution_aggregate` to ``x`` and to the kernel (zero in the
+    ignored row padding)."""
+    grad, x = grad.contiguous(), x.contiguous()
+    grad_x, grad_weight = _empty_gradients(x, weight)
+    if not (grad.numel() and grad_x.numel() and grad_weight.numel()):
+        return grad_x.zero_(), grad_weight.zero_()
+    k, p = weight.shape[2], weight.shape[2] // 2
+    with kernel_threads():
+        if stride == 1:
+            rows = _padded_rows(weight, x.shape[3])
+            grad_rows = grad_weight if rows.shape == weight.shape else torch.empty_like(rows)
+            padded_grad = F.pad(grad, (0, p))
+            count = _rows_per_job(x.shape[2], x.shape[3] + p)
+            _backward_input_flat(as_array(padded_grad), as_array(rows.flatten(2, 3).flatten(3)),
+                                 k, count, as_array(grad_x))
+            _backward_kernel_flat(as_array(padded_grad), as_array(_flat_padded(x, k)), k, count,
+                                  as_array(grad_rows.flatten(2, 3).flatten(3)))
+            if grad_rows is not grad_weight:
+                grad_weight.copy_(grad_rows[..., :x.shape[3]])
+        else:
+            xp = _padded(x, k, stride)
+            grad_xp = torch.empty_like(xp)
+            weight = weight.contiguous()
+            _backward_input_rows(as_array(grad), as_array(weight), stride, as_array(grad_xp))
+            _backward_kernel_rows(as_array(grad), as_array(xp), stride, as_array(grad_weight))
+            grad_x.copy_(grad_xp[:, :, p:p + x.shape[2], p:p + x.shape[3]])
+    return grad_x, grad_weight
 
 
 @involution_aggregate_backward.register_fake
-def _(grad, xp, weight, stride):
-    return torch.empty_like(xp), torch.empty_like(weight)
+def _(grad, x, weight, stride):
+    return _empty_gradients(x, weight)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    xp, weight, stride = inputs
-    ctx.save_for_backward(xp, weight)
+    x, weight, stride = inputs
+    ctx.save_for_backward(x, weight)
     ctx.stride = stride
 
 
 def _backward(ctx, grad):
-    xp, weight = ctx.saved_tensors
-    grad_xp, grad_weight = involution_aggregate_backward(grad, xp, weight, ctx.stride)
-    return grad_xp, grad_weight, None
+    x, weight = ctx.saved_tensors
+    grad_x, grad_weight = involution_aggregate_backward(grad, x, weight, ctx.stride)
+    return grad_x, grad_weight, None
 
 
 involution_aggregate.register_autograd(_backward, setup_context=_setup_context)
