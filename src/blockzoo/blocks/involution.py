@@ -272,16 +272,24 @@ class Involution(Block):
         return self._kernel(x, 0)
 
     def _kernel(self, x: torch.Tensor, extra_columns: int) -> torch.Tensor:
-        """:meth:`generate_kernel` with ``extra_columns`` more values after each row: the 1x1
-        convs run on the reduced map padded by zero columns on the right (the extra values are
-        the last conv's bias)."""
+        """:meth:`generate_kernel`, or with ``extra_columns`` more values after each row: then
+        ``span`` (the 1x1 conv) runs on the reduced map padded by zero columns on the right (the
+        extra values are its bias), as one batched matrix product with its parameters, which
+        writes the large kernel directly (oneDNN's conv held a second, reordered copy of it)."""
         if self.stride > 1:
             x = ceil_avg_pool(x, self.stride)
         reduced = self.reduce(x)
+        k = self.kernel_size
         if extra_columns:
             reduced = F.pad(reduced, (0, extra_columns))
+            n, c, h, w = reduced.shape
+            weight = self.span.weight.reshape(1, -1, c).expand(n, -1, -1)
+            if self.span.bias is None:
+                flat = torch.bmm(weight, reduced.flatten(2))
+            else:
+                flat = torch.baddbmm(self.span.bias.reshape(1, -1, 1), weight, reduced.flatten(2))
+            return flat.reshape(n, self.groups, k, k, h, w)
         weight = self.span(reduced)
-        k = self.kernel_size
         return weight.reshape(x.shape[0], self.groups, k, k, weight.shape[2], weight.shape[3])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

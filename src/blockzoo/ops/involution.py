@@ -11,15 +11,16 @@ of each row ignored (they must be finite: they multiply zeros), which the ``Invo
 produces at no cost (its last 1x1 conv runs on a map padded by ``p`` zero columns); a plain
 ``(N, G, K, K, Ho, Wo)`` kernel is padded here (a copy).
 
-Stride 1 runs on flat rows. With the row pitch ``P = W + p``, the input padded by ``p`` zero
-columns on the left (the right padding of a row is the left padding of the next) and ``p`` zero
-rows above and below holds the value that output ``t = i * P + j`` reads at offset ``(u, v)`` at
-``t + u * P + v``, and the kernel's padded rows hold its weight at ``t``. Each offset is then one
-contiguous multiply-add over several rows at once (long loops the compiler vectorises, whatever
-the map width: rows of 14 values alone would run scalar), and the ``K = 7`` offsets of a kernel
-row are added in one pass (one accumulator load and store for seven products: the loop is bound
-by loads and stores). A job takes a block of rows of one channel group, so the kernel rows of
-the block stay in cache for all the group's channels.
+Stride 1 runs on flat rows. With the row pitch ``P = W + p``, a copy of input rows with ``p``
+zeros before each row (the right padding of a row is the left padding of the next) and ``p``
+zero rows above and below holds the value that output ``t = i * P + j`` reads at offset
+``(u, v)`` at ``t + u * P + v``, and the kernel's padded rows hold its weight at ``t``. Each
+offset is then one contiguous multiply-add over several rows at once (long loops the compiler
+vectorises, whatever the map width: rows of 14 values alone would run scalar), and the ``K = 7``
+offsets of a kernel row are added in one pass (one accumulator load and store for seven
+products: the loop is bound by loads and stores). A job takes a block of rows of one channel
+group: the kernel rows of the block stay in cache for all the group's channels, and the padded
+input rows are copied into a small per-job buffer, so no padded copy of the input is allocated.
 
 Backward: the kernel gradient per block of output rows (summed over the group's channels in
 order), the input gradient per block of input rows (each gathers the products that read it,
@@ -38,6 +39,24 @@ from ._backend import as_array, kernel, kernel_threads, prange
 # Values per flat loop: a few hundred keep the vector loops long and the K * K kernel rows of a
 # block in cache for all the channels of its group.
 _SPAN = 480
+
+
+@kernel(parallel=False)
+def _pack_rows(plane, first, count, lead, pitch, dst):  # pragma: no cover - compiled
+    """Rows ``first .. first + count - 1`` of ``plane (h, w)`` into the flat ``dst``, row ``r``
+    at ``lead + r * pitch``; rows outside the plane and all other values are zeros."""
+    h, w = plane.shape
+    top, bottom = max(0, -first), max(0, min(count, h - first))
+    for q in range(min(lead + top * pitch, dst.shape[0])):
+        dst[q] = 0
+    for r in range(top, bottom):
+        start, row = lead + r * pitch, plane[first + r]
+        for j in range(w):
+            dst[start + j] = row[j]
+        for q in range(start + w, min(start + pitch, dst.shape[0])):
+            dst[q] = 0
+    for q in range(max(lead + top * pitch, lead + bottom * pitch), dst.shape[0]):
+        dst[q] = 0
 
 
 @kernel(parallel=False)
@@ -65,82 +84,117 @@ def _add_seven(acc, weight, row, start, x, span):  # pragma: no cover - compiled
         acc[t] = s
 
 
+@kernel(parallel=False)
+def _gather_seven(acc, weight, row, start, g, shift, span):  # pragma: no cover - compiled
+    """``acc[q] += sum_{v < 7} weight[row + v, start - v + q] * g[shift + start - v + q]`` for
+    ``q < span``, added in the order of ``v``."""
+    w0, w1, w2, w3 = weight[row, start:], weight[row + 1, start - 1:], \
+        weight[row + 2, start - 2:], weight[row + 3, start - 3:]
+    w4, w5, w6 = weight[row + 4, start - 4:], weight[row + 5, start - 5:], \
+        weight[row + 6, start - 6:]
+    g0 = g[shift + start - 6:]
+    for q in range(span):
+        s = acc[q]
+        s += w0[q] * g0[q + 6]
+        s += w1[q] * g0[q + 5]
+        s += w2[q] * g0[q + 4]
+        s += w3[q] * g0[q + 3]
+        s += w4[q] * g0[q + 2]
+        s += w5[q] * g0[q + 1]
+        s += w6[q] * g0[q]
+        acc[q] = s
+
+
 @kernel()
-def _forward_flat(xp, weight, k, rows, out):  # pragma: no cover - compiled
-    n, c, ho, wo = out.shape
-    groups = weight.shape[1]
-    pad = (k - 1) // 2
-    pitch, cg, blocks = wo + pad, c // groups, -(-ho // rows)
+def _forward_flat(x, weight, k, rows, out):  # pragma: no cover - compiled
+    """``x (N, C, H, W)``, ``weight (N, G, K * K, H * P)``, ``out (N, C, H, W)``."""
+    n, c, h, w = x.shape
+    groups, pad = weight.shape[1], (k - 1) // 2
+    pitch, cg, blocks = w + pad, c // groups, -(-h // rows)
     for job in prange(n * groups * blocks):
         b, g, block = job // (groups * blocks), (job // blocks) % groups, job % blocks
         i0 = block * rows
-        count = min(rows, ho - i0)
+        count = min(rows, h - i0)
         span = count * pitch - pad  # up to the last output of the block
-        acc = np.empty(rows * pitch, xp.dtype)
+        xf = np.empty((rows + 2 * pad) * pitch + pad, x.dtype)
+        acc = np.empty(rows * pitch, x.dtype)
         for cc in range(cg):
             ch = g * cg + cc
+            _pack_rows(x[b, ch], i0 - pad, count + 2 * pad, pad, pitch, xf)
             acc[:] = 0
             for u in range(k):
-                xs = xp[b, ch, (i0 + u) * pitch:]
                 if k == 7:  # the default size: a kernel row per pass
-                    _add_seven(acc, weight[b, g], u * k, i0 * pitch, xs, span)
+                    _add_seven(acc, weight[b, g], u * k, i0 * pitch, xf[u * pitch:], span)
                 else:
                     for v in range(k):
-                        _add_one(acc, weight[b, g, u * k + v, i0 * pitch:], xs[v:], span)
+                        _add_one(acc, weight[b, g, u * k + v, i0 * pitch:], xf[u * pitch + v:],
+                                 span)
             for r in range(count):
-                out[b, ch, i0 + r] = acc[r * pitch:r * pitch + wo]
+                out[b, ch, i0 + r] = acc[r * pitch:r * pitch + w]
 
 
 @kernel()
-def _backward_kernel_flat(grad, xp, k, rows, grad_weight):  # pragma: no cover - compiled
-    """``grad (N, C, Ho, P)`` (zeros in the last ``p`` columns), ``xp`` as in the forward pass,
-    ``grad_weight (N, G, K * K, Ho * P)``."""
-    n, c, ho, pitch = grad.shape
+def _backward_kernel_flat(grad, x, k, rows, grad_weight):  # pragma: no cover - compiled
+    """``grad``, ``x (N, C, H, W)``, ``grad_weight (N, G, K * K, H * P)``."""
+    n, c, h, w = x.shape
     groups, kk = grad_weight.shape[1], grad_weight.shape[2]
     pad = (k - 1) // 2
-    cg, blocks = c // groups, -(-ho // rows)
+    pitch, cg, blocks = w + pad, c // groups, -(-h // rows)
     for job in prange(n * groups * blocks):
         b, g, block = job // (groups * blocks), (job // blocks) % groups, job % blocks
         i0 = block * rows
-        count = min(rows, ho - i0)
+        count = min(rows, h - i0)
         span = count * pitch - pad
         for uv in range(kk):
             grad_weight[b, g, uv, i0 * pitch:(i0 + count) * pitch] = 0
+        xf = np.empty((rows + 2 * pad) * pitch + pad, x.dtype)
+        gf = np.empty(rows * pitch, x.dtype)
         for cc in range(cg):
             ch = g * cg + cc
-            grow = grad[b, ch].reshape(-1)[i0 * pitch:]
+            _pack_rows(x[b, ch], i0 - pad, count + 2 * pad, pad, pitch, xf)
+            _pack_rows(grad[b, ch], i0, count, 0, pitch, gf)
             for uv in range(kk):
-                shift = (i0 + uv // k) * pitch + uv % k
-                _add_one(grad_weight[b, g, uv, i0 * pitch:], grow, xp[b, ch, shift:], span)
+                _add_one(grad_weight[b, g, uv, i0 * pitch:], gf,
+                         xf[(uv // k) * pitch + uv % k:], span)
         for uv in range(kk):  # the padding columns: products with zeros, set exactly
             for r in range(i0, i0 + count):
-                grad_weight[b, g, uv, r * pitch + pitch - pad:(r + 1) * pitch] = 0
+                grad_weight[b, g, uv, r * pitch + w:(r + 1) * pitch] = 0
 
 
 @kernel()
 def _backward_input_flat(grad, weight, k, rows, grad_x):  # pragma: no cover - compiled
-    """``grad (N, C, Ho, P)`` (zeros in the last ``p`` columns), ``weight (N, G, K * K, Ho * P)``,
-    ``grad_x (N, C, H, W)``."""
+    """``grad``, ``grad_x (N, C, H, W)``, ``weight (N, G, K * K, H * P)``."""
     n, c, h, w = grad_x.shape
-    groups, kk = weight.shape[1], weight.shape[2]
-    pad = (k - 1) // 2
-    pitch, cg, blocks = grad.shape[3], c // groups, -(-h // rows)
+    groups, pad = weight.shape[1], (k - 1) // 2
+    pitch, cg, blocks = w + pad, c // groups, -(-h // rows)
     size = h * pitch
     for job in prange(n * groups * blocks):
         b, g, block = job // (groups * blocks), (job // blocks) % groups, job % blocks
         y0 = block * rows
         count = min(rows, h - y0)
+        # grad rows y0 - pad ... after k - 1 zeros: output t is at t + shift
+        gf = np.empty(k - 1 + (rows + 2 * pad) * pitch, grad.dtype)
+        shift = k - 1 - (y0 - pad) * pitch
         gx = np.empty(rows * pitch, grad.dtype)
         for cc in range(cg):
             ch = g * cg + cc
-            gflat = grad[b, ch].reshape(-1)
+            _pack_rows(grad[b, ch], y0 - pad, count + 2 * pad, k - 1, pitch, gf)
             gx[:] = 0
-            for uv in range(kk):
+            for u in range(k):
                 # padded input position (y0 + pad) * pitch + q is read by output t = base + q
-                base = (y0 + pad - uv // k) * pitch - uv % k
-                lo, hi = max(0, -base), min(count * pitch, size - base)
-                if hi > lo:
-                    _add_one(gx[lo:], weight[b, g, uv, base + lo:], gflat[base + lo:], hi - lo)
+                # at offset (u, 0), by t - v at (u, v): t - v must lie in [0, size)
+                base = (y0 + pad - u) * pitch
+                lo, hi = max(0, k - 1 - base), min(count * pitch, size - base)
+                if k != 7 or hi <= lo:
+                    lo = hi = 0
+                else:
+                    _gather_seven(gx[lo:], weight[b, g], u * k, base + lo, gf, shift, hi - lo)
+                for v in range(k):  # the rest, for each position in the order of v
+                    first, last = max(0, v - base), min(count * pitch, size - base + v)
+                    for a, z in ((first, min(last, lo)), (max(first, hi), last)):
+                        if z > a:
+                            t = base - v + a
+                            _add_one(gx[a:], weight[b, g, u * k + v, t:], gf[shift + t:], z - a)
             for r in range(count):
                 grad_x[b, ch, y0 + r] = gx[r * pitch + pad:r * pitch + pad + w]
 
@@ -214,13 +268,6 @@ def _padded(x: torch.Tensor, k: int, stride: int) -> torch.Tensor:
     return F.pad(x, (p, p + (-w) % stride, p, p + (-h) % stride))
 
 
-def _flat_padded(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Stride 1: ``p`` zero columns on the left, ``p`` zero rows above and ``p + 1`` below,
-    flattened to ``(N, C, (H + 2p + 1) * (W + p))``: pitch ``W + p``."""
-    p = (k - 1) // 2
-    return F.pad(x, (p, 0, p, p + 1)).flatten(2)
-
-
 def _output_shape(x: torch.Tensor, stride: int) -> tuple[int, int, int, int]:
     return x.shape[0], x.shape[1], -(-x.shape[2] // stride), -(-x.shape[3] // stride)
 
@@ -247,7 +294,7 @@ def involution_aggregate(x: torch.Tensor, weight: torch.Tensor, stride: int) -> 
         with kernel_threads():
             if stride == 1:
                 rows = _padded_rows(weight, x.shape[3]).flatten(2, 3).flatten(3)
-                _forward_flat(as_array(_flat_padded(x, k)), as_array(rows), k,
+                _forward_flat(as_array(x), as_array(rows), k,
                               _rows_per_job(x.shape[2], x.shape[3] + k // 2), as_array(out))
             else:
                 xp = _padded(x, k, stride)
@@ -282,11 +329,10 @@ def involution_aggregate_backward(
         if stride == 1:
             rows = _padded_rows(weight, x.shape[3])
             grad_rows = grad_weight if rows.shape == weight.shape else torch.empty_like(rows)
-            padded_grad = F.pad(grad, (0, p))
             count = _rows_per_job(x.shape[2], x.shape[3] + p)
-            _backward_input_flat(as_array(padded_grad), as_array(rows.flatten(2, 3).flatten(3)),
-                                 k, count, as_array(grad_x))
-            _backward_kernel_flat(as_array(padded_grad), as_array(_flat_padded(x, k)), k, count,
+            _backward_input_flat(as_array(grad), as_array(rows.flatten(2, 3).flatten(3)), k,
+                                 count, as_array(grad_x))
+            _backward_kernel_flat(as_array(grad), as_array(x), k, count,
                                   as_array(grad_rows.flatten(2, 3).flatten(3)))
             if grad_rows is not grad_weight:
                 grad_weight.copy_(grad_rows[..., :x.shape[3]])
