@@ -113,11 +113,16 @@ def _naive_involution(x: torch.Tensor, kernel: torch.Tensor, stride: int) -> tor
 
 
 @needs_numba
-@pytest.mark.parametrize(("h", "w", "k"), [(45, 37, 7), (40, 13, 3), (31, 30, 5)])
-def test_involution_kernel_rows_in_several_blocks_match_the_naive_sum(h, w, k) -> None:
-    """Maps large enough that the operator splits each plane into blocks of rows (the last one
-    shorter), with the seven-offset pass (K = 7) and the one-offset pass (other K): output and
-    both gradients against the float64 sum, in float32 and float64."""
+@pytest.mark.parametrize("span", [40, 4096])
+@pytest.mark.parametrize(("h", "w", "k"), [(45, 37, 7), (40, 13, 3), (31, 30, 5), (3, 2, 7)])
+def test_involution_kernel_rows_in_blocks_match_the_naive_sum(h, w, k, span, monkeypatch) -> None:
+    """The stride-1 operator in blocks of rows (``span = 40`` values: several blocks per plane,
+    the last one shorter; the default: one block), with the seven-offset passes (K = 7) and the
+    one-offset passes (other K): output and both gradients against the float64 sum, in float32
+    and float64."""
+    from blockzoo.ops import involution as involution_ops
+
+    monkeypatch.setattr(involution_ops, "_SPAN", span)
     for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-4)):
         x, kernel = _involution_operands(2, 32, h, w, 2, k, 1, dtype)
         grad = torch.randn(2, 32, h, w, dtype=dtype)

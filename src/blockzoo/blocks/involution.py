@@ -272,25 +272,26 @@ class Involution(Block):
         return self._kernel(x, 0)
 
     def _kernel(self, x: torch.Tensor, extra_columns: int) -> torch.Tensor:
-        """:meth:`generate_kernel`, or with ``extra_columns`` more values after each row: then
-        ``span`` (the 1x1 conv) runs on the reduced map padded by zero columns on the right (the
-        extra values are its bias), as one batched matrix product with its parameters, which
-        writes the large kernel directly (oneDNN's conv held a second, reordered copy of it)."""
+        """:meth:`generate_kernel`, or with ``extra_columns`` more (finite, meaningless) values
+        after each row. For the latter, ``span`` (the 1x1 conv) runs as one batched matrix
+        product with its parameters on the reduced map padded by columns of ones and a channel
+        of ones (which multiplies the bias): it writes the large kernel once (oneDNN's conv held
+        a second, reordered copy of it, and a bias added apart is a second pass over it)."""
         if self.stride > 1:
             x = ceil_avg_pool(x, self.stride)
         reduced = self.reduce(x)
         k = self.kernel_size
-        if extra_columns:
-            reduced = F.pad(reduced, (0, extra_columns))
-            n, c, h, w = reduced.shape
-            weight = self.span.weight.reshape(1, -1, c).expand(n, -1, -1)
-            if self.span.bias is None:
-                flat = torch.bmm(weight, reduced.flatten(2))
-            else:
-                flat = torch.baddbmm(self.span.bias.reshape(1, -1, 1), weight, reduced.flatten(2))
-            return flat.reshape(n, self.groups, k, k, h, w)
-        weight = self.span(reduced)
-        return weight.reshape(x.shape[0], self.groups, k, k, weight.shape[2], weight.shape[3])
+        if not extra_columns:
+            weight = self.span(reduced)
+            return weight.reshape(x.shape[0], self.groups, k, k, weight.shape[2], weight.shape[3])
+        weight = self.span.weight.flatten(1)
+        if self.span.bias is not None:
+            weight = torch.cat([weight, self.span.bias[:, None]], dim=1)
+        padded = F.pad(reduced, (0, extra_columns, 0, 0, 0, weight.shape[1] - reduced.shape[1]),
+                       value=1.0)
+        n, _, h, w = padded.shape
+        flat = torch.bmm(weight.expand(n, -1, -1), padded.flatten(2))
+        return flat.reshape(n, self.groups, k, k, h, w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)

@@ -18,9 +18,10 @@ zero rows above and below holds the value that output ``t = i * P + j`` reads at
 offset is then one contiguous multiply-add over several rows at once (long loops the compiler
 vectorises, whatever the map width: rows of 14 values alone would run scalar), and the ``K = 7``
 offsets of a kernel row are added in one pass (one accumulator load and store for seven
-products: the loop is bound by loads and stores). A job takes a block of rows of one channel
-group: the kernel rows of the block stay in cache for all the group's channels, and the padded
-input rows are copied into a small per-job buffer, so no padded copy of the input is allocated.
+products: the loop is bound by loads and stores). A job takes a block of rows (a whole plane
+for maps up to about 64 x 64) of one channel group and runs the group's channels on the same
+kernel rows; the padded input rows are copied into a per-job buffer, so no padded copy of the
+input is allocated.
 
 Backward: the kernel gradient per block of output rows (summed over the group's channels in
 order), the input gradient per block of input rows (each gathers the products that read it,
@@ -36,9 +37,10 @@ import torch.nn.functional as F
 
 from ._backend import as_array, kernel, kernel_threads, prange
 
-# Values per flat loop: a few hundred keep the vector loops long and the K * K kernel rows of a
-# block in cache for all the channels of its group.
-_SPAN = 480
+# Values per flat loop (rows per job times the pitch): long loops and few halo rows. Measured
+# on 56 x 56 maps: blocks of a whole plane ran the forward and backward passes about 1.4 times
+# faster than blocks of 480 values (whose kernel rows fit the L1 cache).
+_SPAN = 4096
 
 
 @kernel(parallel=False)
