@@ -574,6 +574,24 @@ def test_kernels_keep_torch_thread_count() -> None:
     assert result.stdout.strip() == "1"
 
 
+@needs_numba
+@pytest.mark.parametrize("policy", [None, "active"])
+def test_kernel_thread_pool_start_leaves_the_wait_policy_as_it_was(policy) -> None:
+    """Numba's OpenMP runtime starts with ``OMP_WAIT_POLICY=passive`` set only while it loads
+    (idle workers sleep instead of spinning); a policy the user set is kept and used."""
+    code = ("import os, torch; from blockzoo.blocks.involution import involution2d; "
+            "out = involution2d(torch.ones(1, 4, 5, 5), torch.ones(1, 1, 3, 3, 5, 5)); "
+            "print(os.environ.get('OMP_WAIT_POLICY'), float(out.sum()))")
+    env = {key: value for key, value in os.environ.items()
+           if key not in (ops.ENV_DISABLE, "OMP_WAIT_POLICY")}
+    if policy is not None:
+        env["OMP_WAIT_POLICY"] = policy
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                            text=True, check=True, timeout=120)
+    # each of the 4 channels: (2 + 3 + 3 + 3 + 2) ** 2 products of ones inside the map
+    assert result.stdout.split() == [str(policy), str(float(4 * 13**2))]
+
+
 def _forked_child(queue) -> None:
     x, kernel = torch.ones(1, 4, 5, 5), torch.ones(1, 1, 3, 3, 5, 5)
     queue.put(float(involution2d(x, kernel).sum()))
