@@ -114,18 +114,22 @@ def _naive_involution(x: torch.Tensor, kernel: torch.Tensor, stride: int) -> tor
 
 @needs_numba
 @pytest.mark.parametrize("span", [40, 4096])
+@pytest.mark.parametrize("channels", [32, 30])
 @pytest.mark.parametrize(("h", "w", "k"), [(45, 37, 7), (40, 13, 3), (31, 30, 5), (3, 2, 7)])
-def test_involution_kernel_rows_in_blocks_match_the_naive_sum(h, w, k, span, monkeypatch) -> None:
+def test_involution_kernel_rows_in_blocks_match_the_naive_sum(
+    h, w, k, channels, span, monkeypatch
+) -> None:
     """The stride-1 operator in blocks of rows (``span = 40`` values: several blocks per plane,
-    the last one shorter; the default: one block), with the seven-offset passes (K = 7) and the
+    the last one shorter; the default: one block), with the seven-offset passes (K = 7: two
+    channels at a time, and one for the last of an odd count: 15 channels per group) and the
     one-offset passes (other K): output and both gradients against the float64 sum, in float32
     and float64."""
     from blockzoo.ops import involution as involution_ops
 
     monkeypatch.setattr(involution_ops, "_SPAN", span)
     for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-4)):
-        x, kernel = _involution_operands(2, 32, h, w, 2, k, 1, dtype)
-        grad = torch.randn(2, 32, h, w, dtype=dtype)
+        x, kernel = _involution_operands(2, channels, h, w, 2, k, 1, dtype)
+        grad = torch.randn(2, channels, h, w, dtype=dtype)
         got = _grads(lambda a, b: involution2d(a, b), (x, kernel), grad)
         x64 = x.detach().double().requires_grad_()
         k64 = kernel.detach().double().requires_grad_()

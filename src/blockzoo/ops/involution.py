@@ -87,6 +87,33 @@ def _add_seven(acc, weight, row, start, x, span):  # pragma: no cover - compiled
 
 
 @kernel(parallel=False)
+def _add_seven_twice(acc, weight, row, start, x, shift, span):  # pragma: no cover - compiled
+    """:func:`_add_seven` for two channels at once, ``acc[c]`` and ``x[c, shift:]`` for
+    ``c < 2``: each weight loaded once for both."""
+    w0, w1, w2, w3 = weight[row, start:], weight[row + 1, start:], weight[row + 2, start:], \
+        weight[row + 3, start:]
+    w4, w5, w6 = weight[row + 4, start:], weight[row + 5, start:], weight[row + 6, start:]
+    a, b, xa, xb = acc[0], acc[1], x[0, shift:], x[1, shift:]
+    for t in range(span):
+        s, z = a[t], b[t]
+        s += w0[t] * xa[t]
+        z += w0[t] * xb[t]
+        s += w1[t] * xa[t + 1]
+        z += w1[t] * xb[t + 1]
+        s += w2[t] * xa[t + 2]
+        z += w2[t] * xb[t + 2]
+        s += w3[t] * xa[t + 3]
+        z += w3[t] * xb[t + 3]
+        s += w4[t] * xa[t + 4]
+        z += w4[t] * xb[t + 4]
+        s += w5[t] * xa[t + 5]
+        z += w5[t] * xb[t + 5]
+        s += w6[t] * xa[t + 6]
+        z += w6[t] * xb[t + 6]
+        a[t], b[t] = s, z
+
+
+@kernel(parallel=False)
 def _gather_seven(acc, weight, row, start, g, shift, span):  # pragma: no cover - compiled
     """``acc[q] += sum_{v < 7} weight[row + v, start - v + q] * g[shift + start - v + q]`` for
     ``q < span``, added in the order of ``v``."""
@@ -118,21 +145,29 @@ def _forward_flat(x, weight, k, rows, out):  # pragma: no cover - compiled
         i0 = block * rows
         count = min(rows, h - i0)
         span = count * pitch - pad  # up to the last output of the block
-        xf = np.empty((rows + 2 * pad) * pitch + pad, x.dtype)
-        acc = np.empty(rows * pitch, x.dtype)
-        for cc in range(cg):
-            ch = g * cg + cc
-            _pack_rows(x[b, ch], i0 - pad, count + 2 * pad, pad, pitch, xf)
-            acc[:] = 0
+        xf = np.empty((2, (rows + 2 * pad) * pitch + pad), x.dtype)
+        acc = np.empty((2, rows * pitch), x.dtype)
+        for c0 in range(0, cg, 2):  # channels in pairs (when K = 7)
+            pair = 2 if k == 7 and c0 + 1 < cg else 1
+            for cc in range(c0, min(cg, c0 + 2)):
+                _pack_rows(x[b, g * cg + cc], i0 - pad, count + 2 * pad, pad, pitch,
+                           xf[cc - c0])
+                acc[cc - c0] = 0
             for u in range(k):
-                if k == 7:  # the default size: a kernel row per pass
-                    _add_seven(acc, weight[b, g], u * k, i0 * pitch, xf[u * pitch:], span)
-                else:
-                    for v in range(k):
-                        _add_one(acc, weight[b, g, u * k + v, i0 * pitch:], xf[u * pitch + v:],
-                                 span)
-            for r in range(count):
-                out[b, ch, i0 + r] = acc[r * pitch:r * pitch + w]
+                if pair == 2:  # the default size: a kernel row per pass
+                    _add_seven_twice(acc, weight[b, g], u * k, i0 * pitch, xf, u * pitch, span)
+                    continue
+                for cc in range(c0, min(cg, c0 + 2)):
+                    if k == 7:
+                        _add_seven(acc[cc - c0], weight[b, g], u * k, i0 * pitch,
+                                   xf[cc - c0, u * pitch:], span)
+                    else:
+                        for v in range(k):
+                            _add_one(acc[cc - c0], weight[b, g, u * k + v, i0 * pitch:],
+                                     xf[cc - c0, u * pitch + v:], span)
+            for cc in range(c0, min(cg, c0 + 2)):
+                for r in range(count):
+                    out[b, g * cg + cc, i0 + r] = acc[cc - c0, r * pitch:r * pitch + w]
 
 
 @kernel()
