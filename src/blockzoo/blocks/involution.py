@@ -219,7 +219,9 @@ class Involution(Block):
     ``kernel_size = 7``, ``group_channels = 16``, ``reduction = 4`` (reduced width at least 1).
 
     Shapes: ``(N, C, H, W) -> (N, C, ceil(H / s), ceil(W / s))``; ``out_channels`` must equal
-    ``in_channels``. Applied with :func:`involution2d` (offset accumulation, no unfold).
+    ``in_channels``. Applied with :func:`involution2d` (offset accumulation, no unfold); on the
+    compiled CPU path at stride 1, the operator takes the kernel with each row followed by
+    ``(K - 1) / 2`` ignored values, which ``span`` computes directly (see :meth:`_kernel`).
     """
 
     conv_preservation = (
