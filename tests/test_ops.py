@@ -91,6 +91,7 @@ def test_involution_gradcheck_float64(fast: bool, stride: int) -> None:
 @needs_numba
 def test_involution_opcheck() -> None:
     x, kernel = _involution_operands(1, 4, 5, 4, 2, 3, 1)
+    torch.library.opcheck(ops.involution_aggregate, (x, kernel, 1))
     rows = torch.randn(1, 2, 3, 3, 5, 4 + 1, requires_grad=True)  # rows padded by (K - 1) / 2
     torch.library.opcheck(ops.involution_aggregate, (x, rows, 1))
     rows = torch.randn(1, 2, 3, 3, 3, 2 + 1, requires_grad=True)
