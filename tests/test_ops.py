@@ -163,6 +163,32 @@ def test_involution_operator_takes_kernel_rows_padded_by_ignored_values(stride: 
 
 
 @needs_numba
+def test_involution_block_fast_path_runs_hooked_or_wrapped_convs_as_modules() -> None:
+    """The fast path runs the 1x1 convs as matrix products with their parameters, unless a
+    hook or a wrapper is on them: then they run as modules (the hooks see them) with the
+    same results."""
+    torch.manual_seed(0)
+    block = bz.Involution(32, dtype=torch.float64)
+    x = torch.randn(2, 32, 9, 11, dtype=torch.float64)
+    with ops.fast_ops(False):
+        expected = block(x)
+    calls: list[str] = []
+    for name in ("span", "reduce.conv", "reduce"):
+        module = block.get_submodule(name)
+        handle = module.register_forward_hook(lambda *args, name=name: calls.append(name))
+        with ops.fast_ops(True):
+            torch.testing.assert_close(block(x), expected, rtol=1e-10, atol=1e-10)
+        handle.remove()
+    assert calls == ["span", "reduce.conv", "reduce"]
+    with ops.fast_ops(True):
+        assert block(x[:0]).shape == (0, 32, 9, 11)  # batch 0: nothing to infer a size from
+    block.span = torch.nn.Sequential(block.span)  # a wrapper (as surgery makes)
+    with ops.fast_ops(True):
+        torch.testing.assert_close(block(x), expected, rtol=1e-10, atol=1e-10)
+        assert block(x[:0]).shape == (0, 32, 9, 11)  # batch 0: nothing to infer a size from
+
+
+@needs_numba
 @pytest.mark.parametrize("stride", [1, 2])
 def test_involution_block_fast_path_equals_its_reference_form(stride: int) -> None:
     """The block makes the operator's padded kernel rows with its own 1x1 conv: output, input

@@ -190,6 +190,33 @@ def involution_unfold_reference(
     return (windows * weights).sum(dim=3).reshape(n, c, ho, wo)
 
 
+def _runs_as_matmul(*modules: nn.Module) -> bool:
+    """Whether ``modules[-1]``, a 1x1 conv, may run as a matrix product with its parameters:
+    a plain ``nn.Conv2d`` (stride 1, no groups, padding or dilation), and no hooks on it or on
+    the modules around it (a wrapped, replaced or hooked conv runs as itself)."""
+    conv = modules[-1]
+    return (
+        type(conv) is nn.Conv2d
+        and conv.kernel_size == (1, 1)
+        and conv.stride == (1, 1)
+        and conv.padding == (0, 0)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+    )
+
+
+def _pointwise(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` for a 1x1 conv as one batched matrix product. A bias enters as one more input
+    channel of ones (``x`` must carry it as its last channel), so that the output is written in
+    one pass; ``x`` may have more columns than the conv's input."""
+    weight = conv.weight.flatten(1)
+    if conv.bias is not None:
+        weight = torch.cat([weight, conv.bias[:, None]], dim=1)
+    n, _, h, w = x.shape
+    return torch.bmm(weight.expand(n, -1, -1), x.flatten(2)).reshape(n, weight.shape[0], h, w)
+
+
 @register_block(
     "involution",
     kind="conv",
@@ -275,29 +302,37 @@ class Involution(Block):
 
     def _kernel(self, x: torch.Tensor, extra_columns: int) -> torch.Tensor:
         """:meth:`generate_kernel`, or with ``extra_columns`` more (finite, meaningless) values
-        after each row. For the latter, ``span`` (the 1x1 conv) runs as one batched matrix
-        product with its parameters on the reduced map padded by columns of ones and a channel
-        of ones (which multiplies the bias): it writes the large kernel once (oneDNN's conv held
-        a second, reordered copy of it, and a bias added apart is a second pass over it)."""
+        after each row: ``span`` then runs on the reduced map padded by columns of ones.
+
+        On that path the two 1x1 convs run as batched matrix products with their parameters
+        (unless wrapped or hooked, see :func:`_runs_as_matmul`): as fast as oneDNN's convs on
+        CPU or faster, the large kernel written once (oneDNN's conv held a second, reordered
+        copy of it), and no conv in the graph that ``torch.compile`` would switch to
+        channels-last around the custom operator."""
         if self.stride > 1:
             x = ceil_avg_pool(x, self.stride)
-        reduced = self.reduce(x)
         k = self.kernel_size
         if not extra_columns:
-            weight = self.span(reduced)
+            weight = self.span(self.reduce(x))
             return weight.reshape(x.shape[0], self.groups, k, k, weight.shape[2], weight.shape[3])
-        weight = self.span.weight.flatten(1)
-        if self.span.bias is not None:
-            weight = torch.cat([weight, self.span.bias[:, None]], dim=1)
-        padded = F.pad(reduced, (0, extra_columns, 0, 0, 0, weight.shape[1] - reduced.shape[1]),
-                       value=1.0)
-        n, _, h, w = padded.shape
-        flat = torch.bmm(weight.expand(n, -1, -1), padded.flatten(2))
-        return flat.reshape(n, self.groups, k, k, h, w)
+        reduce = self.reduce
+        if (isinstance(reduce, ConvNormAct) and _runs_as_matmul(reduce, reduce.conv)
+                and reduce.conv.bias is None):
+            reduced = reduce.act(reduce.bn(_pointwise(reduce.conv, x)))
+        else:
+            reduced = reduce(x)
+        if _runs_as_matmul(self.span):
+            ones = 1 if self.span.bias is not None else 0  # a channel of ones for the bias
+            padded = F.pad(reduced, (0, extra_columns, 0, 0, 0, ones), value=1.0)
+            weight = _pointwise(self.span, padded)
+        else:
+            weight = self.span(F.pad(reduced, (0, extra_columns)))
+        n, _, h, w = weight.shape
+        return weight.reshape(n, self.groups, k, k, h, w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        if self.stride == 1 and use_fast_path(x, self.span.weight):
+        if self.stride == 1 and use_fast_path(x, *self.parameters()):
             # the compiled operator runs on kernel rows padded by (K - 1) / 2 values: made by
             # the 1x1 conv itself here, instead of a padded copy of the kernel
             kernel = self._kernel(x, self.kernel_size // 2)
