@@ -173,13 +173,24 @@ def test_involution_block_fast_path_runs_hooked_or_wrapped_convs_as_modules() ->
     with ops.fast_ops(False):
         expected = block(x)
     calls: list[str] = []
-    for name in ("span", "reduce.conv", "reduce"):
+    names = ("span", "reduce.conv", "reduce.bn", "reduce.act", "reduce")
+    for name in names:
         module = block.get_submodule(name)
         handle = module.register_forward_hook(lambda *args, name=name: calls.append(name))
         with ops.fast_ops(True):
             torch.testing.assert_close(block(x), expected, rtol=1e-10, atol=1e-10)
         handle.remove()
-    assert calls == ["span", "reduce.conv", "reduce"]
+    assert calls == list(names)
+    seen: list[torch.nn.Module] = []
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, *args: seen.append(module)
+    )
+    try:
+        with ops.fast_ops(True):
+            torch.testing.assert_close(block(x), expected, rtol=1e-10, atol=1e-10)
+    finally:
+        handle.remove()
+    assert all(any(m is block.get_submodule(name) for m in seen) for name in names)
     with ops.fast_ops(True):
         assert block(x[:0]).shape == (0, 32, 9, 11)  # batch 0: nothing to infer a size from
     block.span = torch.nn.Sequential(block.span)  # a wrapper (as surgery makes)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from ..core.counting import map_elements
 from ..core.validation import check_positive_int
@@ -192,11 +193,13 @@ def involution_unfold_reference(
 
 def _runs_as_matmul(*modules: nn.Module) -> bool:
     """Whether ``modules[-1]``, a 1x1 conv, may run as a matrix product with its parameters:
-    a plain ``nn.Conv2d`` (stride 1, no groups, padding or dilation), and no hooks on it or on
-    the modules around it (a wrapped, replaced or hooked conv runs as itself)."""
+    a plain ``nn.Conv2d`` (stride 1, no groups, padding or dilation), and no hooks on any of
+    ``modules`` (the conv and the modules called around it) nor global module hooks (a wrapped,
+    replaced or hooked conv runs as itself)."""
     conv = modules[-1]
     return (
-        type(conv) is nn.Conv2d
+        not (_global_forward_hooks or _global_forward_pre_hooks)
+        and type(conv) is nn.Conv2d
         and conv.kernel_size == (1, 1)
         and conv.stride == (1, 1)
         and conv.padding == (0, 0)
@@ -316,7 +319,8 @@ class Involution(Block):
             weight = self.span(self.reduce(x))
             return weight.reshape(x.shape[0], self.groups, k, k, weight.shape[2], weight.shape[3])
         reduce = self.reduce
-        if (isinstance(reduce, ConvNormAct) and _runs_as_matmul(reduce, reduce.conv)
+        if (isinstance(reduce, ConvNormAct)
+                and _runs_as_matmul(reduce, reduce.bn, reduce.act, reduce.conv)
                 and reduce.conv.bias is None):
             reduced = reduce.act(reduce.bn(_pointwise(reduce.conv, x)))
         else:
