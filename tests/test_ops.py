@@ -622,6 +622,38 @@ def test_acmix_inference_adds_the_attention_in_place() -> None:
     assert block.rate1.grad is not None
 
 
+@needs_numba
+def test_acmix_hooked_or_replaced_sub_modules_run_as_themselves() -> None:
+    """The fused path computes from the sub-convs' parameters; a hook on any of them, a global
+    module hook or a replaced sub-module makes the block call every module as itself."""
+    block = bz.ACmix(8, 8)
+    x = torch.randn(2, 8, 7, 6)
+    with ops.fast_ops(False):
+        expected = block(x)
+
+    def fused() -> bool:  # the fused path's conv-path operator ran
+        with torch.profiler.profile() as prof:
+            torch.testing.assert_close(block(x), expected, **TOL)
+        return any("grouped_conv2d" in event.name for event in prof.events())
+
+    assert fused()
+    names = ("conv1", "conv2", "conv3", "conv_p", "fc", "dep_conv")
+    calls: list[str] = []
+    for name in names:
+        handle = block.get_submodule(name).register_forward_hook(
+            lambda *args, name=name: calls.append(name))
+        assert not fused()
+        handle.remove()
+    assert calls == list(names)
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *args: None)
+    try:
+        assert not fused()
+    finally:
+        handle.remove()
+    block.fc = torch.nn.Sequential(block.fc)  # a wrapper, as surgery makes
+    assert not fused()
+
+
 @pytest.mark.parametrize("fast", [True, False])
 def test_acmix_deterministic_channels_last_non_finite_and_empty(fast: bool) -> None:
     block = bz.ACmix(16, 16)

@@ -22,6 +22,7 @@ from ..layers import same_padding
 from ..ops import grouped_conv2d, use_fast_path, window_attention, window_attention_add_
 from ..registry import register_block
 from .base import Block, ExplainKey
+from .involution import _runs_as_matmul
 
 
 def reflect_indices(
@@ -342,10 +343,31 @@ class ACmix(Block):
         window_attention_add_(conv, self.rate1, qkv, pe, *attention)  # inference: in place
         return conv
 
+    def _fused_path_applies(self) -> bool:
+        """Whether :meth:`fused_forward` may compute from the parameters: the sub-convs are the
+        plain ``nn.Conv2d`` the constructor made, with no hooks on them and no global module
+        hooks. A hooked, wrapped or replaced sub-module (surgery, feature extraction) makes the
+        block run its PyTorch form, which calls every module as itself."""
+        projections = (self.conv1, self.conv2, self.conv3, self.conv_p)
+        dep = self.dep_conv
+        return (
+            all(_runs_as_matmul(m) and m.bias is not None for m in projections)
+            and _runs_as_matmul(self.fc) and self.fc.bias is None
+            and type(dep) is nn.Conv2d
+            and not (dep._forward_hooks or dep._forward_pre_hooks)
+            and dep.bias is None
+            and dep.groups == self.head_dim
+            and dep.stride == (self.stride, self.stride)
+            and dep.dilation == (1, 1)
+            and dep.padding == (same_padding(self.kernel_conv),) * 2
+            and dep.padding_mode == "zeros"
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         # under autocast the projections would hand the operator another dtype
-        if use_fast_path(x, self.conv1.weight) and not torch.is_autocast_enabled(x.device.type):
+        if (use_fast_path(x, self.conv1.weight) and not torch.is_autocast_enabled(x.device.type)
+                and self._fused_path_applies()):
             return self.fused_forward(x)
         q, k, v = self.conv1(x), self.conv2(x), self.conv3(x)
         q_att, k_att, pe = self._heads(x, q, k)
