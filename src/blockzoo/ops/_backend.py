@@ -89,12 +89,19 @@ def path_description() -> str:
     )
 
 
-def kernel(parallel: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator: compile with numba (cached, parallel), or leave the function as it is."""
+def kernel(
+    parallel: bool = True, reassociate: bool = False
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: compile with numba (cached, parallel), or leave the function as it is.
+
+    ``reassociate=True`` lets the compiler reorder floating-point sums (so that a reduction loop
+    is vectorised); the order is fixed at compile time, so results stay deterministic.
+    """
     if numba is None:
         return lambda fn: fn
+    fastmath = {"contract", "reassoc"} if reassociate else {"contract"}
     return numba.njit(
-        parallel=parallel, cache=True, fastmath={"contract"}, error_model="numpy", nogil=True
+        parallel=parallel, cache=True, fastmath=fastmath, error_model="numpy", nogil=True
     )
 
 
