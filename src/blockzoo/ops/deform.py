@@ -22,6 +22,8 @@ non-finite mask value or input value is multiplied in like any other (NaN result
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 from torch.nn.modules.utils import _pair
@@ -53,18 +55,19 @@ def finite_offset(
 
 
 @kernel(parallel=False)
-def _sampling_point(offset, mask, has_mask, b, k, i, j, t, h, w, geometry):
+def _sampling_point(offset, mask, has_mask, point, l, length, y, x, h, w):
     # pragma: no cover - compiled
-    """Tap ``t`` (offset channel pair ``k``) of output ``(i, j)``: its four corner pixels
-    (``h * w``, the zero pixel, for a corner outside the image), fractions ``ly, lx``, mask value
-    and whether the point lies inside ``(-1, h) x (-1, w)`` at all."""
-    kh, kw, sh, sw, ph, pw, dh, dw = geometry
+    """Offset pair ``point = b * points + k`` (sample ``b``, ``points`` pairs per sample) at
+    output position ``l`` (``offset``, ``mask`` flat), regular-grid point ``(y, x)``: the four
+    corner pixels (``h * w``, the zero pixel, for a corner outside the image), fractions
+    ``ly, lx``, mask value and whether the point lies inside ``(-1, h) x (-1, w)`` at all (false
+    for NaN)."""
     real = offset.dtype.type  # coordinates in the offsets' precision, as torchvision
-    py = real(i * sh - ph + (t // kw) * dh) + offset[b, 2 * k, i, j]
-    px = real(j * sw - pw + (t % kw) * dw) + offset[b, 2 * k + 1, i, j]
-    scale = mask[b, k, i, j] if has_mask else real(1)
+    at = np.uint64(2 * point * length + l)
+    py, px = real(y) + offset[at], real(x) + offset[at + np.uint64(length)]
+    scale = mask[np.uint64(point * length + l)] if has_mask else real(1)
     outside = h * w
-    if not (py > -1 and py < h and px > -1 and px < w):  # also false for NaN
+    if not (py > -1 and py < h and px > -1 and px < w):
         return outside, outside, outside, outside, real(0), real(0), scale, False
     y0, x0 = int(np.floor(py)), int(np.floor(px))
     top, left, bottom, right = y0 >= 0, x0 >= 0, y0 + 1 < h, x0 + 1 < w
@@ -76,130 +79,134 @@ def _sampling_point(offset, mask, has_mask, b, k, i, j, t, h, w, geometry):
 
 
 @kernel()
-def _sample_tile(pixels, h, w, offset, mask, has_mask, geometry, groups, start, tile):
+def _sample_tile(pixels, h, w, offset, mask, has_mask, grid, spans, first, start, tile):
     # pragma: no cover - compiled
-    """Columns of the flattened (batch, output position) rows ``start, start + 1, ...``:
-    ``tile[r, g * taps * Cg + t * Cg + c]`` is tap ``t`` of channel ``c`` of conv group ``g``."""
-    c = pixels.shape[2]
-    taps = geometry[0] * geometry[1]
-    wo = offset.shape[3]
-    length = offset.shape[2] * wo
-    offset_groups = offset.shape[1] // (2 * taps)
-    c_off, c_conv = c // offset_groups, c // groups
+    """Columns of the flattened (batch, output position) rows ``start, start + 1, ...`` (see
+    :func:`_plan`): ``tile[r, g * taps * Cg + t * Cg + c]`` is tap ``t`` of channel ``c`` of
+    conv group ``g``. ``offset`` and ``mask`` are flat; ``pixels`` is ``(N, H * W + 1, C)``."""
+    n, stride, c = pixels.shape
+    length, points = grid[0] * grid[1], first.shape[0] - 1
+    flat = pixels.reshape(-1)
     for r in prange(tile.shape[0]):
         b, l = (start + r) // length, (start + r) % length
-        i, j = l // wo, l % wo
-        src = pixels[b]
+        y, x = (l // grid[1]) * grid[2] - grid[4], (l % grid[1]) * grid[3] - grid[5]
+        src = b * stride * c
         row = tile[r]
-        for og in range(offset_groups):
-            for t in range(taps):
-                p00, p01, p10, p11, ly, lx, scale, _ = _sampling_point(
-                    offset, mask, has_mask, b, og * taps + t, i, j, t, h, w, geometry)
-                one = offset.dtype.type(1)
-                a00, a01 = (one - ly) * (one - lx) * scale, (one - ly) * lx * scale
-                a10, a11 = ly * (one - lx) * scale, ly * lx * scale
-                for g in range(og * c_off // c_conv, ((og + 1) * c_off - 1) // c_conv + 1):
-                    lo, hi = max(og * c_off, g * c_conv), min((og + 1) * c_off, (g + 1) * c_conv)
-                    at = g * (taps - 1) * c_conv + t * c_conv  # column of channel ch: at + ch
-                    # slices: index loops from 0 (no negative-index check) vectorise
-                    s00, s01 = src[p00, lo:hi], src[p01, lo:hi]
-                    s10, s11 = src[p10, lo:hi], src[p11, lo:hi]
-                    out = row[at + lo : at + hi]
-                    for q in range(hi - lo):
-                        out[q] = a00 * s00[q] + a01 * s01[q] + a10 * s10[q] + a11 * s11[q]
+        for k in range(points):
+            t = k % grid[8]
+            p00, p01, p10, p11, ly, lx, scale, _ = _sampling_point(
+                offset, mask, has_mask, b * points + k, l, length,
+                y + grid[9 + 2 * t], x + grid[10 + 2 * t], h, w)
+            one = offset.dtype.type(1)
+            a00, a01 = (one - ly) * (one - lx) * scale, (one - ly) * lx * scale
+            a10, a11 = ly * (one - lx) * scale, ly * lx * scale
+            s00, s01 = np.uint64(src + p00 * c), np.uint64(src + p01 * c)
+            s10, s11 = np.uint64(src + p10 * c), np.uint64(src + p11 * c)
+            for span in range(first[k], first[k + 1]):
+                lo, hi, at = spans[span, 0], spans[span, 1], np.uint64(spans[span, 2])
+                # unsigned indices (no negative-index wrap-around): the loop vectorises
+                for ch in range(np.uint64(lo), np.uint64(hi)):
+                    row[at + ch] = (a00 * flat[s00 + ch] + a01 * flat[s01 + ch]
+                                    + a10 * flat[s10 + ch] + a11 * flat[s11 + ch])
 
 
 @kernel(reassociate=True)
-def _backward_tile(pixels, h, w, offset, mask, has_mask, geometry, groups, start, grad_tile,
-                   chunk, grad_pixels, grad_offset, grad_mask, tile):  # pragma: no cover
-    """For the rows of ``grad_tile`` (column gradients, layout of :func:`_sample_tile`): add
-    their scatter to ``grad_pixels``, write the offset and mask gradients, and rebuild the
-    columns into ``tile`` (for the weight gradient).
+def _backward_tile(pixels, h, w, offset, mask, has_mask, grid, spans, first, b0, count, l0,
+                   rows, grad_tiles, grad_pixels, grad_offset, grad_mask, tiles):
+    # pragma: no cover - compiled
+    """Samples ``b0 .. b0 + count``, output positions ``l0 .. l0 + rows``, one sample per job:
+    from the column gradients ``grad_tiles[j]`` (layout of :func:`_sample_tile`) add the
+    scatter to ``grad_pixels`` ``(N, H * W, C)``, write the (flat) offset and mask gradients,
+    and rebuild the columns into ``tiles[j]`` (for the weight gradient).
 
-    Parallel over blocks of ``chunk`` channels: each block scatters into its own channels only
-    and keeps its own partial offset and mask sums, added in block order (deterministic).
+    A job writes only its own sample's gradients, in a fixed order (deterministic, and the
+    same for any number of threads).
     """
-    c = pixels.shape[2]
-    taps = geometry[0] * geometry[1]
-    wo = offset.shape[3]
-    length = offset.shape[2] * wo
-    offset_groups = offset.shape[1] // (2 * taps)
-    c_off, c_conv = c // offset_groups, c // groups
-    rows, points = grad_tile.shape[0], offset_groups * taps
+    n, stride, c = pixels.shape
+    length, points = grid[0] * grid[1], first.shape[0] - 1
+    flat, grad_flat = pixels.reshape(-1), grad_pixels.reshape(-1)
     outside = h * w
-    corner = np.empty((rows, points, 4), dtype=np.int64)
-    frac = np.empty((rows, points, 3), dtype=pixels.dtype)
-    inside = np.empty((rows, points), dtype=np.bool_)
-    for r in prange(rows):
-        b, l = (start + r) // length, (start + r) % length
-        for k in range(points):
-            (corner[r, k, 0], corner[r, k, 1], corner[r, k, 2], corner[r, k, 3], frac[r, k, 0],
-             frac[r, k, 1], frac[r, k, 2], inside[r, k]) = _sampling_point(
-                offset, mask, has_mask, b, k, l // wo, l % wo, k % taps, h, w, geometry)
-    blocks = -(-c // chunk)
-    partial = np.zeros((blocks, rows, points, 3), dtype=pixels.dtype)
-    for blk in prange(blocks):
-        c0, c1 = blk * chunk, min(c, (blk + 1) * chunk)
+    real = pixels.dtype.type
+    for j in prange(count):
+        b = b0 + j
+        src, dst = b * stride * c, b * (stride - 1) * c
         for r in range(rows):
-            b = (start + r) // length
-            src, dst = pixels[b], grad_pixels[b]
-            grow, row = grad_tile[r], tile[r]
-            for og in range(offset_groups):
-                lo_og, hi_og = max(c0, og * c_off), min(c1, (og + 1) * c_off)
-                for t in range(taps if lo_og < hi_og else 0):
-                    k = og * taps + t
-                    p00, p01, p10, p11 = corner[r, k]
-                    ly, lx, scale = frac[r, k, 0], frac[r, k, 1], frac[r, k, 2]
-                    my, mx = frac.dtype.type(1) - ly, frac.dtype.type(1) - lx
-                    b00, b01, b10, b11 = my * mx, my * lx, ly * mx, ly * lx
-                    a00, a01, a10, a11 = b00 * scale, b01 * scale, b10 * scale, b11 * scale
-                    all_inside = max(p00, p01, p10, p11) < outside
-                    acc_y = acc_x = acc_m = frac.dtype.type(0)
-                    for g in range(lo_og // c_conv, (hi_og - 1) // c_conv + 1):
-                        lo, hi = max(lo_og, g * c_conv), min(hi_og, (g + 1) * c_conv)
-                        at = g * (taps - 1) * c_conv + t * c_conv
-                        s00, s01 = src[p00, lo:hi], src[p01, lo:hi]
-                        s10, s11 = src[p10, lo:hi], src[p11, lo:hi]
-                        g_in, out = grow[at + lo : at + hi], row[at + lo : at + hi]
-                        for q in range(hi - lo):
-                            v00, v01, v10, v11 = s00[q], s01[q], s10[q], s11[q]
-                            gc = g_in[q]
-                            out[q] = a00 * v00 + a01 * v01 + a10 * v10 + a11 * v11
-                            acc_m += gc * (b00 * v00 + b01 * v01 + b10 * v10 + b11 * v11)
-                            acc_y += gc * (mx * (v10 - v00) + lx * (v11 - v01))
-                            acc_x += gc * (my * (v01 - v00) + ly * (v11 - v10))
-                        if all_inside:
-                            d00, d01 = dst[p00, lo:hi], dst[p01, lo:hi]
-                            d10, d11 = dst[p10, lo:hi], dst[p11, lo:hi]
-                            for q in range(hi - lo):
-                                gc = g_in[q]
-                                d00[q] += a00 * gc
-                                d01[q] += a01 * gc
-                                d10[q] += a10 * gc
-                                d11[q] += a11 * gc
-                        else:
-                            for p, a in ((p00, a00), (p01, a01), (p10, a10), (p11, a11)):
-                                if p < outside:
-                                    d = dst[p, lo:hi]
-                                    for q in range(hi - lo):
-                                        d[q] += a * g_in[q]
-                    partial[blk, r, k, 0], partial[blk, r, k, 1] = acc_y, acc_x
-                    partial[blk, r, k, 2] = acc_m
-    for r in prange(rows):
-        b, l = (start + r) // length, (start + r) % length
-        i, j = l // wo, l % wo
-        for k in range(points):
-            acc_y = acc_x = acc_m = frac.dtype.type(0)
-            for blk in range(blocks):
-                acc_y += partial[blk, r, k, 0]
-                acc_x += partial[blk, r, k, 1]
-                acc_m += partial[blk, r, k, 2]
-            if not inside[r, k]:
-                acc_y = acc_x = acc_m = frac.dtype.type(0)
-            grad_offset[b, 2 * k, i, j] = acc_y * frac[r, k, 2]
-            grad_offset[b, 2 * k + 1, i, j] = acc_x * frac[r, k, 2]
-            if has_mask:
-                grad_mask[b, k, i, j] = acc_m
+            l = l0 + r
+            y, x = (l // grid[1]) * grid[2] - grid[4], (l % grid[1]) * grid[3] - grid[5]
+            grow, row = grad_tiles[j, r], tiles[j, r]
+            for k in range(points):
+                t = k % grid[8]
+                p00, p01, p10, p11, ly, lx, scale, inside = _sampling_point(
+                    offset, mask, has_mask, b * points + k, l, length,
+                    y + grid[9 + 2 * t], x + grid[10 + 2 * t], h, w)
+                my, mx = real(1) - ly, real(1) - lx
+                b00, b01, b10, b11 = my * mx, my * lx, ly * mx, ly * lx
+                a00, a01, a10, a11 = b00 * scale, b01 * scale, b10 * scale, b11 * scale
+                s00, s01 = np.uint64(src + p00 * c), np.uint64(src + p01 * c)
+                s10, s11 = np.uint64(src + p10 * c), np.uint64(src + p11 * c)
+                d00, d01 = np.uint64(dst + p00 * c), np.uint64(dst + p01 * c)
+                d10, d11 = np.uint64(dst + p10 * c), np.uint64(dst + p11 * c)
+                all_inside = max(p00, p01, p10, p11) < outside
+                acc_y = acc_x = acc_m = real(0)
+                for span in range(first[k], first[k + 1]):
+                    lo, hi, at = spans[span, 0], spans[span, 1], np.uint64(spans[span, 2])
+                    for ch in range(np.uint64(lo), np.uint64(hi)):
+                        v00, v01 = flat[s00 + ch], flat[s01 + ch]
+                        v10, v11 = flat[s10 + ch], flat[s11 + ch]
+                        gc = grow[at + ch]
+                        row[at + ch] = a00 * v00 + a01 * v01 + a10 * v10 + a11 * v11
+                        acc_m += gc * (b00 * v00 + b01 * v01 + b10 * v10 + b11 * v11)
+                        acc_y += gc * (mx * (v10 - v00) + lx * (v11 - v01))
+                        acc_x += gc * (my * (v01 - v00) + ly * (v11 - v10))
+                    if all_inside:
+                        for ch in range(np.uint64(lo), np.uint64(hi)):
+                            gc = grow[at + ch]
+                            grad_flat[d00 + ch] += a00 * gc
+                            grad_flat[d01 + ch] += a01 * gc
+                            grad_flat[d10 + ch] += a10 * gc
+                            grad_flat[d11 + ch] += a11 * gc
+                    elif inside:
+                        for p, d, a in ((p00, d00, a00), (p01, d01, a01), (p10, d10, a10),
+                                        (p11, d11, a11)):
+                            if p < outside:
+                                for ch in range(np.uint64(lo), np.uint64(hi)):
+                                    grad_flat[d + ch] += a * grow[at + ch]
+                acc_y, acc_x = acc_y * scale, acc_x * scale
+                if not inside:  # zero, also where the mask is not finite
+                    acc_y = acc_x = acc_m = real(0)
+                at = (b * points + k) * length + l
+                grad_offset[at + at - l] = acc_y  # (2 (b points + k)) L + l
+                grad_offset[at + at - l + length] = acc_x
+                if has_mask:
+                    grad_mask[at] = acc_m
+
+
+def _plan(x: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor,
+          geometry: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What the kernels need of the geometry, computed once per call.
+
+    ``grid``: ``[Ho, Wo, stride_h, stride_w, pad_h, pad_w, -, -, taps]`` then
+    the ``(dy, dx)`` of every tap. ``spans[first[k] : first[k + 1]]``: for offset pair ``k``
+    (offset group ``k // taps``, tap ``k % taps``), the channel ranges ``[lo, hi)`` it samples,
+    one per conv group, and where channel ``ch`` goes in a row of columns (``at + ch``).
+    """
+    kh, kw, sh, sw, ph, pw, dh, dw = geometry
+    taps, c = kh * kw, x.shape[1]
+    c_conv = weight.shape[1]
+    offset_groups = offset.shape[1] // (2 * taps)
+    c_off = c // offset_groups
+    grid = [offset.shape[2], offset.shape[3], sh, sw, ph, pw, 0, 0, taps]
+    for t in range(taps):
+        grid += [(t // kw) * dh, (t % kw) * dw]
+    spans, first = [], [0]
+    for og in range(offset_groups):
+        for t in range(taps):
+            for g in range(og * c_off // c_conv, ((og + 1) * c_off - 1) // c_conv + 1):
+                lo, hi = max(og * c_off, g * c_conv), min((og + 1) * c_off, (g + 1) * c_conv)
+                spans.append((lo, hi, g * (taps - 1) * c_conv + t * c_conv))
+            first.append(len(spans))
+    return (np.asarray(grid, dtype=np.int64), np.asarray(spans, dtype=np.int64).reshape(-1, 3),
+            np.asarray(first, dtype=np.int64))
 
 
 def _mask_operand(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, bool]:
@@ -226,10 +233,15 @@ def _kernel_matrix(weight: torch.Tensor, groups: int) -> torch.Tensor:
     return matrix.reshape(groups, o // groups, kh * kw * cg)
 
 
+def _tile_rows(rows: int, columns: int, x: torch.Tensor) -> int:
+    """Rows of ``columns`` values of ``x.dtype`` in a tile of about :data:`_TILE_BYTES`."""
+    return max(1, min(rows, _TILE_BYTES // (columns * x.element_size())))
+
+
 def _tiles(rows: int, columns: int, x: torch.Tensor):
     """``(start, tile)`` over ``rows`` flattened (batch, position) rows, ``tile`` a
     ``(rows in this tile, columns)`` buffer of about :data:`_TILE_BYTES` reused by every tile."""
-    size = max(1, min(rows, _TILE_BYTES // (columns * x.element_size())))
+    size = _tile_rows(rows, columns, x)
     buffer = x.new_empty(size, columns)
     for start in range(0, rows, size):
         yield start, buffer[: min(size, rows - start)]
@@ -272,8 +284,8 @@ def deform_conv2d_op(
     kernels = _kernel_matrix(weight, groups)
     o_g, k_g = kernels.shape[1:]
     flat = out.view(n, -1, length)
-    arrays = (as_array(pixels), h, w, as_array(offset), as_array(mask_array), has_mask,
-              np.asarray(geometry, dtype=np.int64), groups)
+    arrays = (as_array(pixels), h, w, as_array(offset).reshape(-1),
+              as_array(mask_array).reshape(-1), has_mask, *_plan(x, offset, weight, geometry))
     with kernel_threads():
         for start, tile in _tiles(n * length, groups * k_g, x):
             _sample_tile(*arrays, start, as_array(tile))
@@ -320,27 +332,28 @@ def deform_conv2d_backward(
     if n * length * c:
         pixels = _pixels(x)
         flat = grad.reshape(n, -1, length)
-        arrays = (as_array(pixels), h, w, as_array(offset), as_array(mask_array), has_mask,
-                  np.asarray(geometry, dtype=np.int64), groups)
+        arrays = (as_array(pixels), h, w, as_array(offset).reshape(-1),
+                  as_array(mask_array).reshape(-1), has_mask,
+                  *_plan(x, offset, weight, geometry))
         outputs = (as_array(grad_x.permute(0, 2, 3, 1).view(n, h * w, c)),
-                   as_array(grad_offset), as_array(grad_mask))
-        chunk = max(16, -(-c // 64) * 16)  # at most 4 channel blocks (2 threads, load balance)
+                   as_array(grad_offset).reshape(-1), as_array(grad_mask).reshape(-1))
+        lanes = max(1, min(n, torch.get_num_threads()))  # samples in parallel
+        rows = _tile_rows(length, groups * k_g, x)
+        grad_tiles = x.new_empty(lanes, rows, groups * k_g)
+        tiles = torch.empty_like(grad_tiles)
         with kernel_threads():
-            for (start, grad_tile), (_, tile) in zip(
-                _tiles(n * length, groups * k_g, x), _tiles(n * length, groups * k_g, x),
-                strict=True,
-            ):
-                segments = list(_segments(start, tile.shape[0], length))
-                for b, l0, l1, r0 in segments:
-                    for g in range(groups):
-                        torch.mm(flat[b, g * o_g : (g + 1) * o_g, l0:l1].t(), kernels[g],
-                                 out=grad_tile[r0 : r0 + l1 - l0, g * k_g : (g + 1) * k_g])
-                _backward_tile(*arrays, start, as_array(grad_tile), chunk, *outputs,
-                               as_array(tile))
-                for b, l0, l1, r0 in segments:
-                    for g in range(groups):
-                        grad_kernels[g].addmm_(flat[b, g * o_g : (g + 1) * o_g, l0:l1],
-                                               tile[r0 : r0 + l1 - l0, g * k_g : (g + 1) * k_g])
+            for b0 in range(0, n, lanes):
+                count = min(lanes, n - b0)
+                for l0 in range(0, length, rows):
+                    l1 = min(length, l0 + rows)
+                    for j, g in itertools.product(range(count), range(groups)):
+                        torch.mm(flat[b0 + j, g * o_g : (g + 1) * o_g, l0:l1].t(), kernels[g],
+                                 out=grad_tiles[j, : l1 - l0, g * k_g : (g + 1) * k_g])
+                    _backward_tile(*arrays, b0, count, l0, l1 - l0, as_array(grad_tiles),
+                                   *outputs, as_array(tiles))
+                    for j, g in itertools.product(range(count), range(groups)):
+                        grad_kernels[g].addmm_(flat[b0 + j, g * o_g : (g + 1) * o_g, l0:l1],
+                                               tiles[j, : l1 - l0, g * k_g : (g + 1) * k_g])
     o, cg, kh, kw = weight.shape
     grad_weight = grad_kernels.reshape(groups, o_g, kh * kw, cg).transpose(2, 3)
     return grad_x, grad_offset, grad_mask, grad_weight.reshape(weight.shape)
