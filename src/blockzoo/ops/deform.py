@@ -31,7 +31,7 @@ from torch.nn.modules.utils import _pair
 from ._backend import as_array, kernel, kernel_threads, prange
 
 IntPair = int | tuple[int, int]
-_TILE_BYTES = 1 << 20  # one tile of columns (rows x C * kh * kw) stays in the L2 cache
+_TILE_BYTES = 1 << 21  # one tile of columns (rows x C * kh * kw) stays in the L2 cache
 
 
 def finite_offset(
@@ -59,7 +59,7 @@ def _sampling_point(offset, mask, has_mask, point, l, length, y, x, h, w):
     # pragma: no cover - compiled
     """Offset pair ``point = b * points + k`` (sample ``b``, ``points`` pairs per sample) at
     output position ``l`` (``offset``, ``mask`` flat), regular-grid point ``(y, x)``: the four
-    corner pixels (``h * w``, the zero pixel, for a corner outside the image), fractions
+    corner pixels (``h * w`` for a corner outside the image), fractions
     ``ly, lx``, mask value and whether the point lies inside ``(-1, h) x (-1, w)`` at all (false
     for NaN)."""
     real = offset.dtype.type  # coordinates in the offsets' precision, as torchvision
@@ -78,12 +78,22 @@ def _sampling_point(offset, mask, has_mask, point, l, length, y, x, h, w):
     return p00, p01, p10, p11, py - real(y0), px - real(x0), scale, True
 
 
+@kernel(parallel=False)
+def _corner_starts(src, c, p00, p01, p10, p11, outside):  # pragma: no cover - compiled
+    """Flat index of channel 0 of each corner pixel (of pixel 0 for a corner outside, so that
+    every index stays in bounds)."""
+    return (np.uint64(src + (p00 if p00 < outside else 0) * c),
+            np.uint64(src + (p01 if p01 < outside else 0) * c),
+            np.uint64(src + (p10 if p10 < outside else 0) * c),
+            np.uint64(src + (p11 if p11 < outside else 0) * c))
+
+
 @kernel()
 def _sample_tile(pixels, h, w, offset, mask, has_mask, grid, spans, first, start, tile):
     # pragma: no cover - compiled
     """Columns of the flattened (batch, output position) rows ``start, start + 1, ...`` (see
     :func:`_plan`): ``tile[r, g * taps * Cg + t * Cg + c]`` is tap ``t`` of channel ``c`` of
-    conv group ``g``. ``offset`` and ``mask`` are flat; ``pixels`` is ``(N, H * W + 1, C)``."""
+    conv group ``g``. ``offset`` and ``mask`` are flat; ``pixels`` is ``(N, H * W, C)``."""
     n, stride, c = pixels.shape
     length, points = grid[0] * grid[1], first.shape[0] - 1
     flat = pixels.reshape(-1)
@@ -100,14 +110,23 @@ def _sample_tile(pixels, h, w, offset, mask, has_mask, grid, spans, first, start
             one = offset.dtype.type(1)
             a00, a01 = (one - ly) * (one - lx) * scale, (one - ly) * lx * scale
             a10, a11 = ly * (one - lx) * scale, ly * lx * scale
-            s00, s01 = np.uint64(src + p00 * c), np.uint64(src + p01 * c)
-            s10, s11 = np.uint64(src + p10 * c), np.uint64(src + p11 * c)
+            s00, s01, s10, s11 = _corner_starts(src, c, p00, p01, p10, p11, h * w)
             for span in range(first[k], first[k + 1]):
                 lo, hi, at = spans[span, 0], spans[span, 1], np.uint64(spans[span, 2])
-                # unsigned indices (no negative-index wrap-around): the loop vectorises
+                # unsigned indices (no negative-index wrap-around): the loops vectorise
+                if max(p00, p01, p10, p11) < h * w:
+                    for ch in range(np.uint64(lo), np.uint64(hi)):
+                        row[at + ch] = (a00 * flat[s00 + ch] + a01 * flat[s01 + ch]
+                                        + a10 * flat[s10 + ch] + a11 * flat[s11 + ch])
+                    continue
+                zero = scale * 0  # zero outside the image (NaN for a non-finite mask value)
                 for ch in range(np.uint64(lo), np.uint64(hi)):
-                    row[at + ch] = (a00 * flat[s00 + ch] + a01 * flat[s01 + ch]
-                                    + a10 * flat[s10 + ch] + a11 * flat[s11 + ch])
+                    row[at + ch] = zero
+                for p, start_, a in ((p00, s00, a00), (p01, s01, a01), (p10, s10, a10),
+                                     (p11, s11, a11)):
+                    if p < h * w:
+                        for ch in range(np.uint64(lo), np.uint64(hi)):
+                            row[at + ch] += a * flat[start_ + ch]
 
 
 @kernel(reassociate=True)
@@ -129,7 +148,7 @@ def _backward_tile(pixels, h, w, offset, mask, has_mask, grid, spans, first, b0,
     real = pixels.dtype.type
     for j in prange(count):
         b = b0 + j
-        src, dst = b * stride * c, b * (stride - 1) * c
+        src = dst = b * stride * c
         for r in range(rows):
             l = l0 + r
             y, x = (l // grid[1]) * grid[2] - grid[4], (l % grid[1]) * grid[3] - grid[5]
@@ -142,35 +161,45 @@ def _backward_tile(pixels, h, w, offset, mask, has_mask, grid, spans, first, b0,
                 my, mx = real(1) - ly, real(1) - lx
                 b00, b01, b10, b11 = my * mx, my * lx, ly * mx, ly * lx
                 a00, a01, a10, a11 = b00 * scale, b01 * scale, b10 * scale, b11 * scale
-                s00, s01 = np.uint64(src + p00 * c), np.uint64(src + p01 * c)
-                s10, s11 = np.uint64(src + p10 * c), np.uint64(src + p11 * c)
-                d00, d01 = np.uint64(dst + p00 * c), np.uint64(dst + p01 * c)
-                d10, d11 = np.uint64(dst + p10 * c), np.uint64(dst + p11 * c)
-                all_inside = max(p00, p01, p10, p11) < outside
+                s00, s01, s10, s11 = _corner_starts(src, c, p00, p01, p10, p11, outside)
+                d00, d01, d10, d11 = _corner_starts(dst, c, p00, p01, p10, p11, outside)
                 acc_y = acc_x = acc_m = real(0)
                 for span in range(first[k], first[k + 1]):
                     lo, hi, at = spans[span, 0], spans[span, 1], np.uint64(spans[span, 2])
-                    for ch in range(np.uint64(lo), np.uint64(hi)):
-                        v00, v01 = flat[s00 + ch], flat[s01 + ch]
-                        v10, v11 = flat[s10 + ch], flat[s11 + ch]
-                        gc = grow[at + ch]
-                        row[at + ch] = a00 * v00 + a01 * v01 + a10 * v10 + a11 * v11
-                        acc_m += gc * (b00 * v00 + b01 * v01 + b10 * v10 + b11 * v11)
-                        acc_y += gc * (mx * (v10 - v00) + lx * (v11 - v01))
-                        acc_x += gc * (my * (v01 - v00) + ly * (v11 - v10))
-                    if all_inside:
+                    if max(p00, p01, p10, p11) < outside:
+                        for ch in range(np.uint64(lo), np.uint64(hi)):
+                            v00, v01 = flat[s00 + ch], flat[s01 + ch]
+                            v10, v11 = flat[s10 + ch], flat[s11 + ch]
+                            gc = grow[at + ch]
+                            row[at + ch] = a00 * v00 + a01 * v01 + a10 * v10 + a11 * v11
+                            acc_m += gc * (b00 * v00 + b01 * v01 + b10 * v10 + b11 * v11)
+                            acc_y += gc * (mx * (v10 - v00) + lx * (v11 - v01))
+                            acc_x += gc * (my * (v01 - v00) + ly * (v11 - v10))
                         for ch in range(np.uint64(lo), np.uint64(hi)):
                             gc = grow[at + ch]
                             grad_flat[d00 + ch] += a00 * gc
                             grad_flat[d01 + ch] += a01 * gc
                             grad_flat[d10 + ch] += a10 * gc
                             grad_flat[d11 + ch] += a11 * gc
-                    elif inside:
-                        for p, d, a in ((p00, d00, a00), (p01, d01, a01), (p10, d10, a10),
-                                        (p11, d11, a11)):
-                            if p < outside:
-                                for ch in range(np.uint64(lo), np.uint64(hi)):
-                                    grad_flat[d + ch] += a * grow[at + ch]
+                        continue
+                    # a corner outside the image: its value is zero, nothing is scattered to it
+                    in00, in01 = p00 < outside, p01 < outside
+                    in10, in11 = p10 < outside, p11 < outside
+                    for ch in range(np.uint64(lo), np.uint64(hi)):
+                        v00 = flat[s00 + ch] if in00 else real(0)
+                        v01 = flat[s01 + ch] if in01 else real(0)
+                        v10 = flat[s10 + ch] if in10 else real(0)
+                        v11 = flat[s11 + ch] if in11 else real(0)
+                        gc = grow[at + ch]
+                        row[at + ch] = a00 * v00 + a01 * v01 + a10 * v10 + a11 * v11
+                        acc_m += gc * (b00 * v00 + b01 * v01 + b10 * v10 + b11 * v11)
+                        acc_y += gc * (mx * (v10 - v00) + lx * (v11 - v01))
+                        acc_x += gc * (my * (v01 - v00) + ly * (v11 - v10))
+                    for p, d, a in ((p00, d00, a00), (p01, d01, a01), (p10, d10, a10),
+                                    (p11, d11, a11)):
+                        if p < outside:
+                            for ch in range(np.uint64(lo), np.uint64(hi)):
+                                grad_flat[d + ch] += a * grow[at + ch]
                 acc_y, acc_x = acc_y * scale, acc_x * scale
                 if not inside:  # zero, also where the mask is not finite
                     acc_y = acc_x = acc_m = real(0)
@@ -216,13 +245,10 @@ def _mask_operand(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Ten
 
 
 def _pixels(x: torch.Tensor) -> torch.Tensor:
-    """``(N, C, H, W) -> (N, H * W + 1, C)``: channels last, plus one zero pixel (index
-    ``H * W``) that corners outside the image read."""
+    """``(N, C, H, W) -> (N, H * W, C)``, channels last (no copy when ``x`` is channels-last
+    already)."""
     n, c, h, w = x.shape
-    pixels = x.new_empty(n, h * w + 1, c)
-    pixels[:, h * w].zero_()
-    pixels[:, : h * w].view(n, h, w, c).copy_(x.permute(0, 2, 3, 1))
-    return pixels
+    return x.permute(0, 2, 3, 1).contiguous().view(n, h * w, c)
 
 
 def _kernel_matrix(weight: torch.Tensor, groups: int) -> torch.Tensor:
@@ -265,12 +291,14 @@ def _out_shape(x, offset, weight) -> tuple[int, int, int, int]:
 @torch.library.custom_op("blockzoo::deform_conv2d", mutates_args=())
 def deform_conv2d_op(
     x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor | None, weight: torch.Tensor,
-    geometry: list[int],
+    geometry: list[int], bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Deformable convolution without bias: bilinear columns and matrix products, tile by tile.
+    """Deformable convolution: bilinear columns and matrix products, tile by tile.
 
     ``geometry`` is ``[kh, kw, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w]``;
-    layouts as :func:`deform_conv2d`. CPU, float32/float64, equal dtypes.
+    layouts as :func:`deform_conv2d`. CPU, float32/float64, equal dtypes. A tile of columns
+    (``rows x C * kh * kw``, about :data:`_TILE_BYTES`) is sampled into the cache and multiplied
+    there (with the bias added by the same product), so no full column matrix is ever built.
     """
     offset, weight = offset.contiguous(), weight.contiguous()
     mask_array, has_mask = _mask_operand(x, mask)
@@ -291,13 +319,18 @@ def deform_conv2d_op(
             _sample_tile(*arrays, start, as_array(tile))
             for b, l0, l1, r0 in _segments(start, tile.shape[0], length):
                 for g in range(groups):
-                    torch.mm(kernels[g], tile[r0 : r0 + l1 - l0, g * k_g : (g + 1) * k_g].t(),
-                             out=flat[b, g * o_g : (g + 1) * o_g, l0:l1])
+                    columns = tile[r0 : r0 + l1 - l0, g * k_g : (g + 1) * k_g].t()
+                    into = flat[b, g * o_g : (g + 1) * o_g, l0:l1]
+                    if bias is None:
+                        torch.mm(kernels[g], columns, out=into)
+                    else:
+                        torch.addmm(bias[g * o_g : (g + 1) * o_g, None], kernels[g], columns,
+                                    out=into)
     return out
 
 
 @deform_conv2d_op.register_fake
-def _(x, offset, mask, weight, geometry):
+def _(x, offset, mask, weight, geometry, bias=None):
     return x.new_empty(_out_shape(x, offset, weight))
 
 
@@ -366,9 +399,10 @@ def _(grad, x, offset, mask, weight, geometry):
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, offset, mask, weight, geometry = inputs
+    x, offset, mask, weight, geometry, bias = inputs
     ctx.save_for_backward(x, offset, mask, weight)
     ctx.geometry = geometry
+    ctx.has_bias = bias is not None
 
 
 def _backward(ctx, grad):
@@ -376,7 +410,9 @@ def _backward(ctx, grad):
     grad_x, grad_offset, grad_mask, grad_weight = deform_conv2d_backward(
         grad, x, offset, mask, weight, ctx.geometry
     )
-    return grad_x, grad_offset, (grad_mask if mask is not None else None), grad_weight, None
+    grad_bias = grad.sum((0, 2, 3)) if ctx.has_bias else None
+    return (grad_x, grad_offset, (grad_mask if mask is not None else None), grad_weight, None,
+            grad_bias)
 
 
 deform_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
@@ -401,7 +437,4 @@ def deform_conv2d(
     """
     (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
     kh, kw = weight.shape[-2:]
-    out = deform_conv2d_op(input, offset, mask, weight, [kh, kw, sh, sw, ph, pw, dh, dw])
-    if bias is not None:
-        out = out + bias.reshape(1, -1, 1, 1)
-    return out
+    return deform_conv2d_op(input, offset, mask, weight, [kh, kw, sh, sw, ph, pw, dh, dw], bias)
