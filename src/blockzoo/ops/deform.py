@@ -273,17 +273,6 @@ def _tiles(rows: int, columns: int, x: torch.Tensor):
         yield start, buffer[: min(size, rows - start)]
 
 
-def _segments(start: int, count: int, length: int):
-    """``(b, l0, l1, r0)``: rows ``start .. start + count`` of the flattened (batch, position)
-    index split by sample, ``r0`` the segment's first row in the tile."""
-    r = start
-    while r < start + count:
-        b, l0 = divmod(r, length)
-        l1 = min(length, l0 + start + count - r)
-        yield b, l0, l1, r - start
-        r += l1 - l0
-
-
 def _out_shape(x, offset, weight) -> tuple[int, int, int, int]:
     return x.shape[0], weight.shape[0], offset.shape[2], offset.shape[3]
 
@@ -299,43 +288,42 @@ def deform_conv2d_op(
     layouts as :func:`deform_conv2d`. CPU, float32/float64, equal dtypes. A tile of columns
     (``rows x C * kh * kw``, about :data:`_TILE_BYTES`) is sampled into the cache and multiplied
     there (with the bias added by the same product), so no full column matrix is ever built.
+    The result has channels-last strides (each tile's product writes whole rows of it).
     """
     offset, weight = offset.contiguous(), weight.contiguous()
     mask_array, has_mask = _mask_operand(x, mask)
     n, c, h, w = x.shape
     groups = c // weight.shape[1]
-    out = x.new_empty(_out_shape(x, offset, weight))
-    length = out.shape[2] * out.shape[3]
+    out = _channels_last(x, _out_shape(x, offset, weight))
     if out.numel() == 0:
         return out
+    rows = out.permute(0, 2, 3, 1).view(-1, out.shape[1])
     pixels = _pixels(x)
     kernels = _kernel_matrix(weight, groups)
     o_g, k_g = kernels.shape[1:]
-    flat = out.view(n, -1, length)
     arrays = (as_array(pixels), h, w, as_array(offset).reshape(-1),
               as_array(mask_array).reshape(-1), has_mask, *_plan(x, offset, weight, geometry))
     with kernel_threads():
-        for start, tile in _tiles(n * length, groups * k_g, x):
+        for start, tile in _tiles(rows.shape[0], groups * k_g, x):
             _sample_tile(*arrays, start, as_array(tile))
-            for b, l0, l1, r0 in _segments(start, tile.shape[0], length):
-                for g in range(groups):
-                    columns = tile[r0 : r0 + l1 - l0, g * k_g : (g + 1) * k_g].t()
-                    into = flat[b, g * o_g : (g + 1) * o_g, l0:l1]
-                    if bias is None:
-                        torch.mm(kernels[g], columns, out=into)
-                    else:
-                        torch.addmm(bias[g * o_g : (g + 1) * o_g, None], kernels[g], columns,
-                                    out=into)
+            for g in range(groups):
+                columns = tile[:, g * k_g : (g + 1) * k_g]
+                into = rows[start : start + tile.shape[0], g * o_g : (g + 1) * o_g]
+                if bias is None:
+                    torch.mm(columns, kernels[g].t(), out=into)
+                else:
+                    torch.addmm(bias[g * o_g : (g + 1) * o_g], columns, kernels[g].t(), out=into)
     return out
 
 
 @deform_conv2d_op.register_fake
 def _(x, offset, mask, weight, geometry, bias=None):
-    return x.new_empty(_out_shape(x, offset, weight))
+    return _channels_last(x, _out_shape(x, offset, weight))
 
 
-def _channels_last_like(x: torch.Tensor) -> torch.Tensor:
-    n, c, h, w = x.shape
+def _channels_last(x: torch.Tensor, shape: tuple[int, int, int, int]) -> torch.Tensor:
+    """An empty ``(N, C, H, W)`` tensor like ``x`` whose memory is ``(N, H, W, C)``."""
+    n, c, h, w = shape
     return x.new_empty(n, h, w, c).permute(0, 3, 1, 2)
 
 
@@ -352,19 +340,19 @@ def deform_conv2d_backward(
     tile's columns, then the tile's share of the weight gradient (a matrix product). Nothing is
     saved from the forward pass but its inputs.
     """
-    grad, offset, weight = grad.contiguous(), offset.contiguous(), weight.contiguous()
+    offset, weight = offset.contiguous(), weight.contiguous()
     mask_array, has_mask = _mask_operand(x, mask)
     n, c, h, w = x.shape
     groups = c // weight.shape[1]
     kernels = _kernel_matrix(weight, groups)
     o_g, k_g = kernels.shape[1:]
-    grad_x = _channels_last_like(x).zero_()
+    grad_x = _channels_last(x, x.shape).zero_()
     grad_offset, grad_mask = torch.zeros_like(offset), torch.zeros_like(mask_array)
     grad_kernels = torch.zeros_like(kernels)
     length = offset.shape[2] * offset.shape[3]
     if n * length * c:
         pixels = _pixels(x)
-        flat = grad.reshape(n, -1, length)
+        grad_rows = _pixels(grad).view(n * length, -1)
         arrays = (as_array(pixels), h, w, as_array(offset).reshape(-1),
                   as_array(mask_array).reshape(-1), has_mask,
                   *_plan(x, offset, weight, geometry))
@@ -380,13 +368,17 @@ def deform_conv2d_backward(
                 for l0 in range(0, length, rows):
                     l1 = min(length, l0 + rows)
                     for j, g in itertools.product(range(count), range(groups)):
-                        torch.mm(flat[b0 + j, g * o_g : (g + 1) * o_g, l0:l1].t(), kernels[g],
-                                 out=grad_tiles[j, : l1 - l0, g * k_g : (g + 1) * k_g])
+                        into = grad_tiles[j, : l1 - l0, g * k_g : (g + 1) * k_g]
+                        at = (b0 + j) * length
+                        torch.mm(grad_rows[at + l0 : at + l1, g * o_g : (g + 1) * o_g],
+                                 kernels[g], out=into)
                     _backward_tile(*arrays, b0, count, l0, l1 - l0, as_array(grad_tiles),
                                    *outputs, as_array(tiles))
                     for j, g in itertools.product(range(count), range(groups)):
-                        grad_kernels[g].addmm_(flat[b0 + j, g * o_g : (g + 1) * o_g, l0:l1],
-                                               tiles[j, : l1 - l0, g * k_g : (g + 1) * k_g])
+                        at = (b0 + j) * length
+                        grad_kernels[g].addmm_(
+                            grad_rows[at + l0 : at + l1, g * o_g : (g + 1) * o_g].t(),
+                            tiles[j, : l1 - l0, g * k_g : (g + 1) * k_g])
     o, cg, kh, kw = weight.shape
     grad_weight = grad_kernels.reshape(groups, o_g, kh * kw, cg).transpose(2, 3)
     return grad_x, grad_offset, grad_mask, grad_weight.reshape(weight.shape)
@@ -395,7 +387,8 @@ def deform_conv2d_backward(
 @deform_conv2d_backward.register_fake
 def _(grad, x, offset, mask, weight, geometry):
     grad_mask = torch.empty_like(mask) if mask is not None else x.new_empty(1, 1, 1, 1)
-    return _channels_last_like(x), torch.empty_like(offset), grad_mask, torch.empty_like(weight)
+    return (_channels_last(x, x.shape), torch.empty_like(offset), grad_mask,
+            torch.empty_like(weight))
 
 
 def _setup_context(ctx, inputs, output) -> None:
