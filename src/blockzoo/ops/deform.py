@@ -288,16 +288,18 @@ def deform_conv2d_op(
     layouts as :func:`deform_conv2d`. CPU, float32/float64, equal dtypes. A tile of columns
     (``rows x C * kh * kw``, about :data:`_TILE_BYTES`) is sampled into the cache and multiplied
     there (with the bias added by the same product), so no full column matrix is ever built.
-    The result has channels-last strides (each tile's product writes whole rows of it).
+    Returns the result channels-last, ``(N, Ho, Wo, O)`` (each tile's product writes whole rows
+    of it; :func:`deform_conv2d` gives the ``(N, O, Ho, Wo)`` view).
     """
     offset, weight = offset.contiguous(), weight.contiguous()
     mask_array, has_mask = _mask_operand(x, mask)
     n, c, h, w = x.shape
     groups = c // weight.shape[1]
-    out = _channels_last(x, _out_shape(x, offset, weight))
+    n, o, ho, wo = _out_shape(x, offset, weight)
+    out = x.new_empty(n, ho, wo, o)
     if out.numel() == 0:
         return out
-    rows = out.permute(0, 2, 3, 1).view(-1, out.shape[1])
+    rows = out.view(-1, o)
     pixels = _pixels(x)
     kernels = _kernel_matrix(weight, groups)
     o_g, k_g = kernels.shape[1:]
@@ -318,13 +320,8 @@ def deform_conv2d_op(
 
 @deform_conv2d_op.register_fake
 def _(x, offset, mask, weight, geometry, bias=None):
-    return _channels_last(x, _out_shape(x, offset, weight))
-
-
-def _channels_last(x: torch.Tensor, shape: tuple[int, int, int, int]) -> torch.Tensor:
-    """An empty ``(N, C, H, W)`` tensor like ``x`` whose memory is ``(N, H, W, C)``."""
-    n, c, h, w = shape
-    return x.new_empty(n, h, w, c).permute(0, 3, 1, 2)
+    n, o, ho, wo = _out_shape(x, offset, weight)
+    return x.new_empty(n, ho, wo, o)
 
 
 @torch.library.custom_op("blockzoo::deform_conv2d_backward", mutates_args=())
@@ -332,8 +329,9 @@ def deform_conv2d_backward(
     grad: torch.Tensor, x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor | None,
     weight: torch.Tensor, geometry: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of :func:`deform_conv2d_op` to ``x`` (channels-last strides), ``offset``,
-    ``mask`` (a ``(1, 1, 1, 1)`` zero when there is none) and ``weight``.
+    """Gradients of :func:`deform_conv2d_op` (``grad`` channels-last like its result) to ``x``
+    (channels-last, ``(N, H, W, C)``), ``offset``, ``mask`` (a ``(1, 1, 1, 1)`` zero when there
+    is none) and ``weight``.
 
     Tile by tile: the column gradients of the tile (a matrix product), then one compiled pass
     that scatters them to the input, gives the offset and mask gradients and rebuilds the
@@ -346,17 +344,17 @@ def deform_conv2d_backward(
     groups = c // weight.shape[1]
     kernels = _kernel_matrix(weight, groups)
     o_g, k_g = kernels.shape[1:]
-    grad_x = _channels_last(x, x.shape).zero_()
+    grad_x = x.new_zeros(n, h, w, c)
     grad_offset, grad_mask = torch.zeros_like(offset), torch.zeros_like(mask_array)
     grad_kernels = torch.zeros_like(kernels)
     length = offset.shape[2] * offset.shape[3]
     if n * length * c:
         pixels = _pixels(x)
-        grad_rows = _pixels(grad).view(n * length, -1)
+        grad_rows = grad.contiguous().view(n * length, -1)
         arrays = (as_array(pixels), h, w, as_array(offset).reshape(-1),
                   as_array(mask_array).reshape(-1), has_mask,
                   *_plan(x, offset, weight, geometry))
-        outputs = (as_array(grad_x.permute(0, 2, 3, 1).view(n, h * w, c)),
+        outputs = (as_array(grad_x.view(n, h * w, c)),
                    as_array(grad_offset).reshape(-1), as_array(grad_mask).reshape(-1))
         lanes = max(1, min(n, torch.get_num_threads()))  # samples in parallel
         rows = _tile_rows(length, groups * k_g, x)
@@ -387,8 +385,8 @@ def deform_conv2d_backward(
 @deform_conv2d_backward.register_fake
 def _(grad, x, offset, mask, weight, geometry):
     grad_mask = torch.empty_like(mask) if mask is not None else x.new_empty(1, 1, 1, 1)
-    return (_channels_last(x, x.shape), torch.empty_like(offset), grad_mask,
-            torch.empty_like(weight))
+    n, c, h, w = x.shape
+    return x.new_empty(n, h, w, c), torch.empty_like(offset), grad_mask, torch.empty_like(weight)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -403,9 +401,9 @@ def _backward(ctx, grad):
     grad_x, grad_offset, grad_mask, grad_weight = deform_conv2d_backward(
         grad, x, offset, mask, weight, ctx.geometry
     )
-    grad_bias = grad.sum((0, 2, 3)) if ctx.has_bias else None
-    return (grad_x, grad_offset, (grad_mask if mask is not None else None), grad_weight, None,
-            grad_bias)
+    grad_bias = grad.sum((0, 1, 2)) if ctx.has_bias else None
+    grad_mask = grad_mask if mask is not None else None
+    return grad_x.permute(0, 3, 1, 2), grad_offset, grad_mask, grad_weight, None, grad_bias
 
 
 deform_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
@@ -426,8 +424,10 @@ def deform_conv2d(
     ``input`` ``(N, C, H, W)``; ``offset`` ``(N, 2 * G * kh * kw, Ho, Wo)`` (row offset, then
     column offset, per offset group and row-major tap); ``mask`` ``(N, G * kh * kw, Ho, Wo)`` or
     None; ``weight`` ``(O, C / groups, kh, kw)``. A sampling point that is not finite lies
-    outside the image (zero sample, zero gradient). Returns ``(N, O, Ho, Wo)``.
+    outside the image (zero sample, zero gradient). Returns ``(N, O, Ho, Wo)`` with
+    channels-last strides.
     """
     (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
     kh, kw = weight.shape[-2:]
-    return deform_conv2d_op(input, offset, mask, weight, [kh, kw, sh, sw, ph, pw, dh, dw], bias)
+    out = deform_conv2d_op(input, offset, mask, weight, [kh, kw, sh, sw, ph, pw, dh, dw], bias)
+    return out.permute(0, 3, 1, 2)
