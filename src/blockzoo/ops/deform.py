@@ -379,14 +379,16 @@ def deform_conv2d_backward(
                             tiles[j, : l1 - l0, g * k_g : (g + 1) * k_g])
     o, cg, kh, kw = weight.shape
     grad_weight = grad_kernels.reshape(groups, o_g, kh * kw, cg).transpose(2, 3)
-    return grad_x, grad_offset, grad_mask, grad_weight.reshape(weight.shape)
+    return grad_x, grad_offset, grad_mask, grad_weight.reshape(weight.shape).contiguous()
 
 
 @deform_conv2d_backward.register_fake
 def _(grad, x, offset, mask, weight, geometry):
-    grad_mask = torch.empty_like(mask) if mask is not None else x.new_empty(1, 1, 1, 1)
+    # contiguous, as the real outputs, whatever the inputs' strides
+    grad_mask = mask.new_empty(mask.shape) if mask is not None else x.new_empty(1, 1, 1, 1)
     n, c, h, w = x.shape
-    return x.new_empty(n, h, w, c), torch.empty_like(offset), grad_mask, torch.empty_like(weight)
+    return (x.new_empty(n, h, w, c), offset.new_empty(offset.shape), grad_mask,
+            weight.new_empty(weight.shape))
 
 
 def _setup_context(ctx, inputs, output) -> None:
