@@ -109,17 +109,21 @@ prange = range if numba is None else numba.prange
 
 
 @contextlib.contextmanager
-def kernel_threads() -> Iterator[None]:
+def kernel_threads(chunk: int = 0) -> Iterator[None]:
     """Run the kernels inside on as many threads as torch uses (``torch.set_num_threads``).
 
     Numba's OpenMP layer sets the process-wide OpenMP thread count when it starts its pool,
-    which torch shares: torch's count is put back afterwards.
+    which torch shares: torch's count is put back afterwards. ``chunk > 0`` hands the
+    iterations of parallel loops out ``chunk`` at a time to whichever thread is free (dynamic
+    scheduling: a thread that the OS holds back on a busy machine does not hold up the others).
     """
     count = torch.get_num_threads()
     numba.set_num_threads(max(1, min(count, numba.config.NUMBA_NUM_THREADS)))
+    previous_chunk = numba.set_parallel_chunksize(chunk)
     try:
         yield
     finally:
+        numba.set_parallel_chunksize(previous_chunk)
         if torch.get_num_threads() != count:
             torch.set_num_threads(count)
 

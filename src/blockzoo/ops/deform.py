@@ -305,7 +305,7 @@ def deform_conv2d_op(
     o_g, k_g = kernels.shape[1:]
     arrays = (as_array(pixels), h, w, as_array(offset).reshape(-1),
               as_array(mask_array).reshape(-1), has_mask, *_plan(x, offset, weight, geometry))
-    with kernel_threads():
+    with kernel_threads(chunk=16):
         for start, tile in _tiles(rows.shape[0], groups * k_g, x):
             _sample_tile(*arrays, start, as_array(tile))
             for g in range(groups):
@@ -360,7 +360,7 @@ def deform_conv2d_backward(
         rows = _tile_rows(length, groups * k_g, x)
         grad_tiles = x.new_empty(lanes, rows, groups * k_g)
         tiles = torch.empty_like(grad_tiles)
-        with kernel_threads():
+        with kernel_threads(chunk=1):
             for b0 in range(0, n, lanes):
                 count = min(lanes, n - b0)
                 for l0 in range(0, length, rows):
