@@ -8,7 +8,9 @@ The sampling runs on blockzoo's compiled CPU operator (:func:`blockzoo.ops.defor
 it is available, else on ``torchvision.ops.deform_conv2d``; :func:`deform_conv2d_torch` is the
 same operation written with PyTorch tensor ops (bilinear sampling by ``gather``), which exports to
 ONNX with dynamic shapes and has a deterministic backward on every device. Non-finite offsets
-sample outside the image on every path (:func:`blockzoo.ops.finite_offset`).
+sample outside the image on every path (the compiled operator tests each point; the others get
+:func:`blockzoo.ops.finite_offset`). On the compiled operator the input is taken channels-last
+(one copy, which the offset conv also runs faster on) and the result is channels-last.
 """
 
 from __future__ import annotations

@@ -4,20 +4,24 @@ Deformable Convolutional Networks, Dai et al., ICCV 2017, arXiv 1703.06211; Defo
 v2, Zhu et al., CVPR 2019, arXiv 1811.11168
 
 :func:`deform_conv2d` computes ``torchvision.ops.deform_conv2d`` (same arguments and layouts) as
-one custom operator (``blockzoo::deform_conv2d``): a compiled bilinear im2col followed by a
-batched matrix product (BLAS). The im2col computes each sampling point's four corners and weights
-once per offset group, kernel tap and block of output positions, then gathers them for every
-channel of the group (parallel over batch, offset group and tap). The backward operator
-(``blockzoo::deform_conv2d_backward``) gives the gradients to the input, the offsets and the mask
-in one compiled pass, parallel over batch and offset group, each job writing only its own channels
-and offsets (deterministic), then rebuilds the columns for the weight gradient instead of keeping
-them from the forward pass.
+one custom operator (``blockzoo::deform_conv2d``), tile by tile: a compiled pass samples the
+bilinear columns of a block of output positions (rows ``C * kh * kw`` long, about
+:data:`_TILE_BYTES` per tile, so the tile stays in the L2 cache) from the input in channels-last
+layout, where the four corners of a sampling point are contiguous runs of channels (the channel
+loops vectorise; a point's corners and weights are computed once for all its channels), and one
+BLAS product per tile turns them into whole channels-last output rows (bias included). No full
+column matrix is built. The backward operator (``blockzoo::deform_conv2d_backward``) goes tile by
+tile as well: the tile's column gradients (a product), then one compiled pass that scatters them
+to the input, gives the offset and mask gradients and rebuilds the tile's columns, then the tile's
+share of the weight gradient (a product). It is parallel over samples (each job writes only its
+own sample's gradients, in a fixed order: deterministic, and the same for any thread count).
 
-Non-finite offsets: :func:`finite_offset` replaces NaN and +-inf offsets by a finite offset that
-places the sampling point outside the image, where the sample is zero (as for any point beyond the
-border) and its gradient is zero. Every path of the deformable blocks applies it, because
-torchvision's CPU kernel crashes on a NaN offset and gives NaN gradients on an infinite one. A
-non-finite mask value or input value is multiplied in like any other (NaN results, no crash).
+Non-finite offsets: the operator tests a sampling point before it becomes an index, so a NaN or
+infinite offset samples outside the image (zero sample, zero gradient) as any point beyond the
+border. :func:`finite_offset` replaces NaN and +-inf offsets by a finite offset with the same
+effect for the other paths (torchvision's CPU kernel crashes on a NaN offset and gives NaN
+gradients on an infinite one). A non-finite mask value or input value is multiplied in like any
+other (NaN results, no crash).
 """
 
 from __future__ import annotations
