@@ -260,6 +260,22 @@ def test_deform_fast_tiles_and_parallel_samples_match_float64(case, threads, mon
 
 
 @needs_numba
+@pytest.mark.parametrize(("groups", "offset_groups"), [(3, 2), (2, 3), (6, 1), (1, 6)])
+def test_deform_fast_groups_not_aligned_with_offset_groups(groups, offset_groups) -> None:
+    """Conv groups and offset groups that split each other's channels (6 channels): equal to
+    torchvision in float64, with a mask, stride 2 and dilation 2."""
+    x = torch.randn(2, 6, 9, 10, dtype=torch.float64)
+    weight = torch.randn(12, 6 // groups, 3, 3, dtype=torch.float64)
+    bias = torch.randn(12, dtype=torch.float64)
+    offset = torch.randn(2, 2 * offset_groups * 9, 4, 4, dtype=torch.float64) * 2
+    mask = torch.rand(2, offset_groups * 9, 4, 4, dtype=torch.float64)
+    kw = {"stride": 2, "padding": 1, "dilation": 2}
+    tensors = (x, offset, weight, bias, mask)
+    _assert_same(_deform_grads(ops.deform_conv2d, tensors, kw),
+                 _deform_grads(tv_deform_conv2d, tensors, kw), rtol=1e-10, atol=1e-10)
+
+
+@needs_numba
 def test_deform_fast_op_samples_non_finite_offsets_outside_the_image() -> None:
     """The operator itself (no finite_offset): a NaN or infinite offset gives the value and
     gradients of a point far outside, also with a mask."""
