@@ -263,15 +263,17 @@ def _kernel_matrix(weight: torch.Tensor, groups: int) -> torch.Tensor:
     return matrix.reshape(groups, o // groups, kh * kw * cg)
 
 
-def _tile_rows(rows: int, columns: int, x: torch.Tensor) -> int:
-    """Rows of ``columns`` values of ``x.dtype`` in a tile of about :data:`_TILE_BYTES`."""
-    return max(1, min(rows, _TILE_BYTES // (columns * x.element_size())))
+def _tile_rows(rows: int, columns: int, x: torch.Tensor, threads: int = 1) -> int:
+    """Rows of ``columns`` values of ``x.dtype`` in a tile of about :data:`_TILE_BYTES` per
+    thread."""
+    return max(1, min(rows, threads * _TILE_BYTES // (columns * x.element_size())))
 
 
 def _tiles(rows: int, columns: int, x: torch.Tensor):
     """``(start, tile)`` over ``rows`` flattened (batch, position) rows, ``tile`` a
-    ``(rows in this tile, columns)`` buffer of about :data:`_TILE_BYTES` reused by every tile."""
-    size = _tile_rows(rows, columns, x)
+    ``(rows in this tile, columns)`` buffer reused by every tile, about :data:`_TILE_BYTES` per
+    thread (the threads share the sampling of a tile and its product: fewer, larger calls)."""
+    size = _tile_rows(rows, columns, x, torch.get_num_threads())
     buffer = x.new_empty(size, columns)
     for start in range(0, rows, size):
         yield start, buffer[: min(size, rows - start)]
