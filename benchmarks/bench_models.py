@@ -19,6 +19,7 @@ profiler memory events, ``blockzoo.tools.profile.peak_memory``; input and parame
     python benchmarks/bench_models.py                              # the table (< 6 min idle)
     python benchmarks/bench_models.py --doc docs/benchmarks.md     # and put it in the doc
     python benchmarks/bench_models.py --quick                      # smoke run: 1 thread, 112x112
+    python benchmarks/bench_models.py --control    # + each first twin against a copy of itself
 """
 
 from __future__ import annotations
@@ -61,19 +62,29 @@ def _load(value: float | None) -> str:
     return "unknown" if value is None else f"{value:.1f}"
 
 
-def build_pairs(names: list[str]) -> list[tuple[str, nn.Module, str, nn.Module]]:
-    """``(name, blockzoo model, twin label, twin)`` for every twin with the same parameters."""
+def build_pairs(
+    names: list[str], control: bool = False
+) -> list[tuple[str, nn.Module, str, nn.Module]]:
+    """``(name, blockzoo model, twin label, twin)`` for every twin with the same parameters.
+
+    With ``control``, each model's first twin is also paired with a second instance of itself
+    (label ``"<twin> (2nd instance)"``): the same code and operators, so its ratio shows how far
+    two instances of one network differ on this machine (memory placement and noise), the
+    resolution of every other row.
+    """
     pairs = []
     for name in names:
         torch.manual_seed(0)
         mine = bz.create_model(name)
-        for label, build in TWINS[name]:
+        for index, (label, build) in enumerate(TWINS[name]):
             twin = build()
             if count_parameters(twin) != count_parameters(mine):
                 print(f"skipped {label}: {count_parameters(twin):,} parameters, blockzoo "
                       f"{name} has {count_parameters(mine):,}")
                 continue
             pairs.append((name, mine, label, twin))
+            if control and index == 0:
+                pairs.append((f"{label} (2nd instance)", build(), label, twin))
     return pairs
 
 
@@ -126,6 +137,9 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=5.0,
                         help="seconds of paired rounds per pair (default 5)")
     parser.add_argument("--min-rounds", type=int, default=5, help="rounds at least (default 5)")
+    parser.add_argument("--control", action="store_true",
+                        help="also time each model's first twin against a second instance of "
+                        "itself (the resolution of the table)")
     parser.add_argument("--doc", type=Path, help="also write the table between the "
                         f"{MARKERS[0]} markers of this file")
     args = parser.parse_args()
@@ -142,7 +156,7 @@ def main() -> None:
     info = machine_info("cpu", threads[0])
     print(f"CPU: {info['cpu']}, {info['cores']} cores, torch {torch.__version__}, torchvision "
           f"{torchvision.__version__}, timm {timm.__version__}; load average {_load(load_before)}")
-    rows = measure(build_pairs(names), threads, passes, size, budget, min_rounds)
+    rows = measure(build_pairs(names, args.control), threads, passes, size, budget, min_rounds)
     table = format_rows(rows, "markdown")
     minutes = (time.perf_counter() - start) / 60
     footer = (f"CPU {info['cpu']} ({info['cores']} cores), torch {torch.__version__}; "

@@ -7,6 +7,8 @@ ResNeXt, against the paper's split-transform-merge form.
 
 from __future__ import annotations
 
+import collections
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -379,3 +381,67 @@ def test_in_place_add_leaves_hooked_branch_outputs_alone_in_training_too() -> No
     assert not torch.allclose(seen["branch"], y)
     y.sum().backward()
     assert x.grad is not None
+
+
+@pytest.mark.parametrize("attention", [None, "se"])
+@pytest.mark.parametrize(
+    "where",
+    ["body", "body.conv3", "body.conv3.bn", "body.conv3.act", "attention", "attention.gate"],
+)
+def test_a_hook_handed_the_branch_output_keeps_what_it_was_handed(
+    attention: str | None, where: str
+) -> None:
+    block = bz.create_block("residual", 16, 16, attention=attention).eval()
+    randomize_norms(block)
+    try:
+        hooked = block.get_submodule(where)
+    except AttributeError:
+        pytest.skip(f"no {where} without an attention block")
+    kept: list[tuple[torch.Tensor, torch.Tensor]] = []
+    hooked.register_forward_hook(lambda m, i, o: kept.append((o, o.clone())))
+    with torch.no_grad():
+        block(torch.randn(2, 16, 5, 5))
+    (handed, copy), = kept
+    assert torch.equal(handed, copy)
+
+
+def test_the_hook_search_stops_at_the_layer_that_makes_the_branch_output() -> None:
+    from blockzoo.blocks.residual import _hook_may_see_output
+
+    block = bz.create_block("residual", 16, 16)
+    units = (block.body, block.attention)
+    assert not _hook_may_see_output(units)
+    handle = block.body[0].conv.register_forward_hook(lambda m, i, o: None)
+    assert not _hook_may_see_output(units)  # its output is not the branch output
+    handle.remove()
+    block.body.conv3.act.register_forward_hook(lambda m, i, o: None)
+    assert _hook_may_see_output(units)
+
+
+def _adds(block: nn.Module, x: torch.Tensor) -> collections.Counter:
+    with torch.profiler.profile() as prof:
+        block(x).sum().backward()
+    names = (e.name for e in prof.events())
+    return collections.Counter(n for n in names if n in ("aten::add", "aten::add_"))
+
+
+def test_shortcut_is_added_in_place_in_training_after_an_se_block() -> None:
+    block = bz.create_block("residual", 16, 16, attention="se").train()
+    adds = _adds(block, torch.randn(2, 16, 6, 6, requires_grad=True))
+    assert adds["aten::add_"] >= 1 and adds["aten::add"] == 0, adds
+
+
+@pytest.mark.parametrize("attention", [nn.Sigmoid(), nn.ReLU(), nn.Softmax(dim=1)])
+def test_shortcut_is_not_added_into_an_output_that_the_backward_pass_reads(
+    attention: nn.Module,
+) -> None:
+    block = bz.create_block("residual", 16, 16).double().train()
+    randomize_norms(block)
+    block.attention = attention  # each saves its result for its backward pass
+    x = torch.randn(2, 16, 5, 5, dtype=torch.double, requires_grad=True)
+    y = block(x)
+    expected = _reference_forward(block, x)
+    torch.testing.assert_close(y, expected)
+    (gx,) = torch.autograd.grad(y.square().sum(), x)
+    (gx_ref,) = torch.autograd.grad(expected.square().sum(), x)
+    torch.testing.assert_close(gx, gx_ref)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -26,7 +27,7 @@ from torch.nn.modules.module import _global_forward_hooks
 
 from ..core.counting import map_elements
 from ..core.validation import check_bool, check_options, check_positive_int, close_matches
-from ..layers import ConvNormAct, LayerNorm2d, LayerSpec, create_act
+from ..layers import ConvNormAct, LayerSpec, create_act
 from ..registry import block_info, create_block, list_blocks, register_block
 from .base import Block
 
@@ -263,50 +264,65 @@ class ResidualBlock(Block):
         self.check_input(x)
         out = self.attention(self.body(x))
         shortcut = self.shortcut(x)
-        if self._add_in_place(out, shortcut):
+        if self._add_in_place(x, out, shortcut):
             out += shortcut
         else:
             out = out + shortcut
         return self.act(out)
 
-    def _add_in_place(self, out: torch.Tensor, shortcut: torch.Tensor) -> bool:
+    def _add_in_place(self, x: torch.Tensor, out: torch.Tensor, shortcut: torch.Tensor) -> bool:
         """Whether the shortcut may be added into the branch output ``out`` in place.
 
-        Only when nothing can read ``out`` afterwards: no forward hook inside the block or global
-        one (a hook may keep the output), the same dtype (the sum would otherwise be promoted),
-        not while ``torch.compile`` traces (it plans its own buffers), and either no autograd or
-        a branch that ends in a norm layer (no attention block; the norm's backward pass does
-        not read its output, whereas a user's attention block may save its own). The sum then
-        takes no new tensor, as torchvision's ``out += identity``. ``x`` is never written; the
-        activation after the add runs in place either way.
+        Only when nothing can read ``out`` afterwards: no forward hook that is handed ``out``
+        (see :func:`_hook_may_see_output`) and no global one (a hook may keep the output), the
+        same dtype (the sum would otherwise be promoted), not while ``torch.compile`` traces (it
+        plans its own buffers), ``out`` not sharing memory with the input ``x``, and with
+        autograd, a backward pass that does not read ``out`` (see
+        :func:`_backward_reads_output`: the norm that ends a plain branch, the product or sum
+        that ends an attention block don't). The sum then takes no new tensor, as torchvision's
+        and timm's ``x += shortcut``. The activation after the add runs in place either way.
         """
         if (
             out.dtype != shortcut.dtype
             or torch.compiler.is_compiling()
             or _global_forward_hooks
-            or _has_forward_hook(self)
+            or _hook_may_see_output((self.body, self.attention))
+            or out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
         ):
             return False
-        return not (torch.is_grad_enabled() and out.requires_grad) or self._ends_in_norm()
-
-    def _ends_in_norm(self) -> bool:
-        """True when the branch output is the output of a norm layer: no attention block, and
-        the body's last unit a conv + norm without activation."""
-        last = self.body[-1] if isinstance(self.body, nn.Sequential) and len(self.body) else None
-        return (
-            isinstance(self.attention, nn.Identity)
-            and isinstance(last, ConvNormAct)
-            and isinstance(last.act, nn.Identity)
-            and isinstance(last.bn, _NORMS_NOT_READING_OUTPUT)
-        )
+        grad = torch.is_grad_enabled() and out.requires_grad
+        return not (grad and _backward_reads_output(out))
 
     def extra_flops(self, x: torch.Tensor) -> int:
         """The shortcut add, one per output value (attention blocks inside declare their own)."""
         return 2 * map_elements(x, self.out_channels, self.stride)
 
 
-#: Norm layers whose backward pass reads their input and statistics, never their output.
-_NORMS_NOT_READING_OUTPUT = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, LayerNorm2d)
+#: Autograd node type -> whether its backward pass reads the tensor the node made.
+_READS_OUTPUT: dict[type, bool] = {}
+
+
+def _backward_reads_output(out: torch.Tensor) -> bool:
+    """True when the backward pass may read ``out`` itself, so that it must not be written.
+
+    That is when ``out`` is a view (its base may be saved), or when the operator that made it
+    saved its result (PyTorch's generated nodes name it ``_saved_result``: sigmoid, ReLU,
+    softmax...) or is a Python ``autograd.Function`` (whose saved tensors are not named). A
+    product, sum or norm saves its inputs, not its result. Decided once per node type.
+    """
+    if out._base is not None:
+        return True
+    node = out.grad_fn
+    if node is None:
+        return False
+    kind = type(node)
+    reads = _READS_OUTPUT.get(kind)
+    if reads is None:
+        names = dir(node)
+        reads = (isinstance(node, torch.autograd.function.BackwardCFunction)
+                 or "_saved_result" in names or "_saved_result0" in names)
+        _READS_OUTPUT[kind] = reads
+    return reads
 
 
 def _has_forward_hook(module: nn.Module) -> bool:
@@ -315,6 +331,41 @@ def _has_forward_hook(module: nn.Module) -> bool:
         return True
     return any(child is not None and _has_forward_hook(child)
                for child in module._modules.values())
+
+
+#: Modules whose forward returns a new tensor computed from their input, never the input itself.
+_FRESH_OUTPUT = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.GroupNorm,
+                 nn.Linear)
+
+
+def _hook_may_see_output(units: Sequence[nn.Module]) -> bool:
+    """True when a forward hook may be handed the tensor that the chain ``units`` returns.
+
+    Walking back from the last unit: a conv or norm layer returns a new tensor, so only its own
+    hooks matter and the walk stops; an ``nn.Sequential`` is walked the same way inside; any
+    other unit (an Identity, an in-place activation, an attention block) may hand its input on,
+    so its whole subtree is searched and the walk goes on to the unit before it. A few attribute
+    tests for a plain branch, where searching every module of the block on every forward would
+    cost more.
+    """
+    return _walk_back(units) is not False
+
+
+def _walk_back(units: Sequence[nn.Module]) -> bool | None:
+    """``True``: a hook may see the chain's output; ``False``: none can and a unit returned a new
+    tensor; ``None``: none found, but the chain may return its input unchanged."""
+    for unit in reversed(units):
+        if unit._forward_hooks:
+            return True
+        if isinstance(unit, _FRESH_OUTPUT):
+            return False
+        if isinstance(unit, nn.Sequential):
+            inner = _walk_back(unit)
+            if inner is not None:
+                return inner
+        elif _has_forward_hook(unit):
+            return True
+    return None
 
 
 @register_block(
