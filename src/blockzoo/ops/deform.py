@@ -5,16 +5,17 @@ v2, Zhu et al., CVPR 2019, arXiv 1811.11168
 
 :func:`deform_conv2d` computes ``torchvision.ops.deform_conv2d`` (same arguments and layouts) as
 one custom operator (``blockzoo::deform_conv2d``), tile by tile: a compiled pass samples the
-bilinear columns of a block of output positions (rows ``C * kh * kw`` long, about
-:data:`_TILE_BYTES` per tile, so the tile stays in the L2 cache) from the input in channels-last
-layout, where the four corners of a sampling point are contiguous runs of channels (the channel
-loops vectorise; a point's corners and weights are computed once for all its channels), and one
-BLAS product per tile turns them into whole channels-last output rows (bias included). No full
+bilinear columns of a block of output positions (rows ``C * kh * kw`` long; :data:`_TILE_BYTES`
+on one thread, so the tile stays in the L2 cache) from the input in channels-last layout, where
+the four corners of a sampling point are contiguous runs of channels (the channel loops
+vectorise; a point's corners and weights are computed once for all its channels), and one BLAS
+product per tile turns them into whole channels-last output rows (bias included). No full
 column matrix is built. The backward operator (``blockzoo::deform_conv2d_backward``) goes tile by
 tile as well: the tile's column gradients (a product), then one compiled pass that scatters them
 to the input, gives the offset and mask gradients and rebuilds the tile's columns, then the tile's
 share of the weight gradient (a product). It is parallel over samples (each job writes only its
-own sample's gradients, in a fixed order: deterministic, and the same for any thread count).
+own sample's gradients, in a fixed order: bitwise the same on every run with the same number of
+threads).
 
 Non-finite offsets: the operator tests a sampling point before it becomes an index, so a NaN or
 infinite offset samples outside the image (zero sample, zero gradient) as any point beyond the
@@ -35,7 +36,7 @@ from torch.nn.modules.utils import _pair
 from ._backend import as_array, kernel, kernel_threads, prange
 
 IntPair = int | tuple[int, int]
-_TILE_BYTES = 1 << 21  # one tile of columns (rows x C * kh * kw) stays in the L2 cache
+_TILE_BYTES = 1 << 21  # a tile of columns on one thread: stays in the L2 cache (_tile_rows)
 
 
 def finite_offset(
@@ -142,8 +143,7 @@ def _backward_tile(pixels, h, w, offset, mask, has_mask, grid, spans, first, b0,
     scatter to ``grad_pixels`` ``(N, H * W, C)``, write the (flat) offset and mask gradients,
     and rebuild the columns into ``tiles[j]`` (for the weight gradient).
 
-    A job writes only its own sample's gradients, in a fixed order (deterministic, and the
-    same for any number of threads).
+    A job writes only its own sample's gradients, in a fixed order (deterministic).
     """
     n, stride, c = pixels.shape
     length, points = grid[0] * grid[1], first.shape[0] - 1
