@@ -108,10 +108,10 @@ def _sample_tile(pixels, h, w, offset, mask, has_mask, grid, spans, first, start
         src = b * stride * c
         row = tile[r]
         for k in range(points):
-            t = k % grid[8]
+            t = k % grid[6]
             p00, p01, p10, p11, ly, lx, scale, _ = _sampling_point(
                 offset, mask, has_mask, b * points + k, l, length,
-                y + grid[9 + 2 * t], x + grid[10 + 2 * t], h, w)
+                y + grid[7 + 2 * t], x + grid[8 + 2 * t], h, w)
             one = offset.dtype.type(1)
             a00, a01 = (one - ly) * (one - lx) * scale, (one - ly) * lx * scale
             a10, a11 = ly * (one - lx) * scale, ly * lx * scale
@@ -127,11 +127,11 @@ def _sample_tile(pixels, h, w, offset, mask, has_mask, grid, spans, first, start
                 zero = scale * 0  # zero outside the image (NaN for a non-finite mask value)
                 for ch in range(np.uint64(lo), np.uint64(hi)):
                     row[at + ch] = zero
-                for p, start_, a in ((p00, s00, a00), (p01, s01, a01), (p10, s10, a10),
+                for p, corner, a in ((p00, s00, a00), (p01, s01, a01), (p10, s10, a10),
                                      (p11, s11, a11)):
                     if p < h * w:
                         for ch in range(np.uint64(lo), np.uint64(hi)):
-                            row[at + ch] += a * flat[start_ + ch]
+                            row[at + ch] += a * flat[corner + ch]
 
 
 @kernel(reassociate=True)
@@ -158,10 +158,10 @@ def _backward_tile(pixels, h, w, offset, mask, has_mask, grid, spans, first, b0,
             y, x = (l // grid[1]) * grid[2] - grid[4], (l % grid[1]) * grid[3] - grid[5]
             grow, row = grad_tiles[j, r], tiles[j, r]
             for k in range(points):
-                t = k % grid[8]
+                t = k % grid[6]
                 p00, p01, p10, p11, ly, lx, scale, inside = _sampling_point(
                     offset, mask, has_mask, b * points + k, l, length,
-                    y + grid[9 + 2 * t], x + grid[10 + 2 * t], h, w)
+                    y + grid[7 + 2 * t], x + grid[8 + 2 * t], h, w)
                 my, mx = real(1) - ly, real(1) - lx
                 b00, b01, b10, b11 = my * mx, my * lx, ly * mx, ly * lx
                 a00, a01, a10, a11 = b00 * scale, b01 * scale, b10 * scale, b11 * scale
@@ -218,7 +218,7 @@ def _plan(x: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor,
           geometry: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """What the kernels need of the geometry, computed once per call.
 
-    ``grid``: ``[Ho, Wo, stride_h, stride_w, pad_h, pad_w, -, -, taps]`` then
+    ``grid``: ``[Ho, Wo, stride_h, stride_w, pad_h, pad_w, taps]`` then
     the ``(dy, dx)`` of every tap. ``spans[first[k] : first[k + 1]]``: for offset pair ``k``
     (offset group ``k // taps``, tap ``k % taps``), the channel ranges ``[lo, hi)`` it samples,
     one per conv group, and where channel ``ch`` goes in a row of columns (``at + ch``).
@@ -228,7 +228,7 @@ def _plan(x: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor,
     c_conv = weight.shape[1]
     offset_groups = offset.shape[1] // (2 * taps)
     c_off = c // offset_groups
-    grid = [offset.shape[2], offset.shape[3], sh, sw, ph, pw, 0, 0, taps]
+    grid = [offset.shape[2], offset.shape[3], sh, sw, ph, pw, taps]
     for t in range(taps):
         grid += [(t // kw) * dh, (t % kw) * dw]
     spans, first = [], [0]
