@@ -555,6 +555,19 @@ def test_kernels_keep_torch_thread_count() -> None:
     assert result.stdout.strip() == "1"
 
 
+@needs_numba
+def test_kernel_threads_keeps_torch_thread_count_inside() -> None:
+    """Also inside ``kernel_threads`` on its first use (torch's own products there, and the
+    deformable tile size, follow ``torch.set_num_threads``)."""
+    code = ("import torch; torch.set_num_threads(1); from blockzoo.ops._backend import "
+            "kernel_threads\nwith kernel_threads(): print(torch.get_num_threads())")
+    env = {key: value for key, value in os.environ.items() if key != ops.ENV_DISABLE}
+    env["NUMBA_NUM_THREADS"] = "2"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                            text=True, check=True, timeout=120)
+    assert result.stdout.strip() == "1"
+
+
 def _forked_child(queue) -> None:
     x, kernel = torch.ones(1, 4, 5, 5), torch.ones(1, 1, 3, 3, 5, 5)
     queue.put(float(involution2d(x, kernel).sum()))

@@ -113,12 +113,15 @@ def kernel_threads(chunk: int = 0) -> Iterator[None]:
     """Run the kernels inside on as many threads as torch uses (``torch.set_num_threads``).
 
     Numba's OpenMP layer sets the process-wide OpenMP thread count when it starts its pool,
-    which torch shares: torch's count is put back afterwards. ``chunk > 0`` hands the
+    which torch shares: torch's count is put back at once (for torch's own operations inside)
+    and afterwards. ``chunk > 0`` hands the
     iterations of parallel loops out ``chunk`` at a time to whichever thread is free (dynamic
     scheduling: a thread that the OS holds back on a busy machine does not hold up the others).
     """
     count = torch.get_num_threads()
     numba.set_num_threads(max(1, min(count, numba.config.NUMBA_NUM_THREADS)))
+    if torch.get_num_threads() != count:
+        torch.set_num_threads(count)
     previous_chunk = numba.set_parallel_chunksize(chunk)
     try:
         yield
