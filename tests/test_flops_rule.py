@@ -138,3 +138,19 @@ def test_surgery_gate_declares_its_blend() -> None:
     assert gated.extra_flops(x) == 2 * 2 * 2 * 16 * 5 * 3
     with torch.no_grad():
         assert count_flops(gated, x) == count_flops(gated.block, x) + 2 * 2 * x.numel()
+
+
+@pytest.mark.parametrize("name", ["involution", "acmix", "deform_conv", "mdeform_conv"])
+def test_count_is_the_same_on_the_compiled_kernels_and_the_reference_forms(name: str) -> None:
+    """The compiled kernels may compute the same function with other products (a padded
+    matrix product, a folded conv): the count is the reference forms', whichever runs."""
+    from blockzoo import ops
+
+    block = bz.create_block(name, 16).eval()
+    x = torch.randn(2, 16, 12, 10)
+    with ops.fast_ops(False), FlopCounterMode(display=False) as counter:
+        block(x)
+    expected = counter.get_total_flops() + block.extra_flops(x)
+    for enabled in (True, False):
+        with ops.fast_ops(enabled):
+            assert count_flops(block, x) == expected

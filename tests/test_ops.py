@@ -91,11 +91,136 @@ def test_involution_gradcheck_float64(fast: bool, stride: int) -> None:
 @needs_numba
 def test_involution_opcheck() -> None:
     x, kernel = _involution_operands(1, 4, 5, 4, 2, 3, 1)
-    xp = torch.nn.functional.pad(x.detach(), (1, 1, 1, 1)).requires_grad_()
-    torch.library.opcheck(ops.involution_aggregate, (xp, kernel, 1))
-    xp = torch.nn.functional.pad(x.detach(), (1, 2, 1, 2)).requires_grad_()
-    kernel = torch.randn(1, 2, 3, 3, 3, 2, requires_grad=True)
-    torch.library.opcheck(ops.involution_aggregate, (xp, kernel, 2))
+    torch.library.opcheck(ops.involution_aggregate, (x, kernel, 1))
+    rows = torch.randn(1, 2, 3, 3, 5, 4 + 1, requires_grad=True)  # rows padded by (K - 1) / 2
+    torch.library.opcheck(ops.involution_aggregate, (x, rows, 1))
+    rows = torch.randn(1, 2, 3, 3, 3, 2 + 1, requires_grad=True)
+    torch.library.opcheck(ops.involution_aggregate, (x, rows, 2))
+
+
+def _naive_involution(x: torch.Tensor, kernel: torch.Tensor, stride: int) -> torch.Tensor:
+    """The defining sum, one offset at a time, on a zero-padded float64 copy."""
+    n, c, h, w = x.shape
+    groups, k, ho, wo = kernel.shape[1], kernel.shape[2], kernel.shape[4], kernel.shape[5]
+    p = (k - 1) // 2
+    xp = torch.nn.functional.pad(x.double(), (p, p + stride, p, p + stride))
+    weights = kernel.double().repeat_interleave(c // groups, dim=1)
+    out = torch.zeros(n, c, ho, wo, dtype=torch.float64)
+    for u in range(k):
+        for v in range(k):
+            window = xp[:, :, u:u + stride * ho:stride, v:v + stride * wo:stride]
+            out += weights[:, :, u, v] * window
+    return out
+
+
+@needs_numba
+@pytest.mark.parametrize("span", [40, 4096])
+@pytest.mark.parametrize("channels", [32, 30])
+@pytest.mark.parametrize(("h", "w", "k"), [(45, 37, 7), (40, 13, 3), (31, 30, 5), (3, 2, 7)])
+def test_involution_kernel_rows_in_blocks_match_the_naive_sum(
+    h, w, k, channels, span, monkeypatch
+) -> None:
+    """The stride-1 operator in blocks of rows (``span = 40`` values: several blocks per plane,
+    the last one shorter; the default: one block), with the seven-offset passes (K = 7: two
+    channels at a time, and one for the last of an odd count: 15 channels per group) and the
+    one-offset passes (other K): output and both gradients against the float64 sum, in float32
+    and float64."""
+    from blockzoo.ops import involution as involution_ops
+
+    monkeypatch.setattr(involution_ops, "_SPAN", span)
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-4)):
+        x, kernel = _involution_operands(2, channels, h, w, 2, k, 1, dtype)
+        grad = torch.randn(2, channels, h, w, dtype=dtype)
+        got = _grads(lambda a, b: involution2d(a, b), (x, kernel), grad)
+        x64 = x.detach().double().requires_grad_()
+        k64 = kernel.detach().double().requires_grad_()
+        expected = _grads(lambda a, b: _naive_involution(a, b, 1), (x64, k64), grad.double())
+        for a, b in zip(got, expected, strict=True):
+            torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol)
+
+
+@needs_numba
+@pytest.mark.parametrize("stride", [1, 2])
+def test_involution_operator_takes_kernel_rows_padded_by_ignored_values(stride: int) -> None:
+    """A kernel ``(N, G, K, K, Ho, Wo + p)`` gives the results of its first ``Wo`` columns,
+    whatever finite values the padding holds, and a gradient of exactly zero there, also next
+    to non-finite inputs."""
+    x, kernel = _involution_operands(2, 32, 30, 20, 2, 7, stride)
+    x = x.detach().clone()
+    x[0, 3, 5, -1] = float("inf")
+    kernel = kernel.detach()
+    rows = torch.cat([kernel, torch.randn(*kernel.shape[:-1], 3) * 1e3], dim=-1)
+    grad = torch.randn(2, 32, kernel.shape[4], kernel.shape[5])
+    plain = _grads(lambda a, b: ops.involution_aggregate(a, b, stride),
+                   (x.requires_grad_(), kernel.requires_grad_()), grad)
+    padded = _grads(lambda a, b: ops.involution_aggregate(a, b, stride),
+                    (x, rows.requires_grad_()), grad)
+    torch.testing.assert_close(padded[0], plain[0], equal_nan=True, rtol=0, atol=0)
+    torch.testing.assert_close(padded[1], plain[1], equal_nan=True, **TOL)
+    torch.testing.assert_close(padded[2][..., :-3], plain[2], equal_nan=True, **TOL)
+    assert (padded[2][..., -3:] == 0).all()
+    assert not plain[0].isfinite().all() and not plain[2].isfinite().all()
+
+
+@needs_numba
+def test_involution_block_fast_path_runs_hooked_or_wrapped_convs_as_modules() -> None:
+    """The fast path runs the 1x1 convs as matrix products with their parameters, unless a
+    hook or a wrapper is on them: then they run as modules (the hooks see them) with the
+    same results."""
+    torch.manual_seed(0)
+    block = bz.Involution(32, dtype=torch.float64)
+    x = torch.randn(2, 32, 9, 11, dtype=torch.float64)
+    with ops.fast_ops(False):
+        expected = block(x)
+    calls: list[str] = []
+    names = ("span", "reduce.conv", "reduce.bn", "reduce.act", "reduce")
+    for name in names:
+        module = block.get_submodule(name)
+        handle = module.register_forward_hook(lambda *args, name=name: calls.append(name))
+        with ops.fast_ops(True):
+            torch.testing.assert_close(block(x), expected, rtol=1e-10, atol=1e-10)
+        handle.remove()
+    assert calls == list(names)
+    seen: list[torch.nn.Module] = []
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, *args: seen.append(module)
+    )
+    try:
+        with ops.fast_ops(True):
+            torch.testing.assert_close(block(x), expected, rtol=1e-10, atol=1e-10)
+    finally:
+        handle.remove()
+    assert all(any(m is block.get_submodule(name) for m in seen) for name in names)
+    with ops.fast_ops(True):
+        assert block(x[:0]).shape == (0, 32, 9, 11)  # batch 0: nothing to infer a size from
+    block.span = torch.nn.Sequential(block.span)  # a wrapper (as surgery makes)
+    with ops.fast_ops(True):
+        torch.testing.assert_close(block(x), expected, rtol=1e-10, atol=1e-10)
+        assert block(x[:0]).shape == (0, 32, 9, 11)  # batch 0: nothing to infer a size from
+
+
+@needs_numba
+@pytest.mark.parametrize("stride", [1, 2])
+def test_involution_block_fast_path_equals_its_reference_form(stride: int) -> None:
+    """The block makes the operator's padded kernel rows with its own 1x1 conv: output, input
+    gradient and every parameter gradient equal the reference form's (train mode, float64:
+    in float32 the batch norm's backward alone differs by more than 1e-5 between any two
+    summation orders)."""
+    torch.manual_seed(0)
+    block = bz.Involution(32, stride=stride, dtype=torch.float64).train()
+    x = torch.randn(2, 32, 29, 23, requires_grad=True, dtype=torch.float64)
+    grad = torch.randn(2, 32, -(-29 // stride), -(-23 // stride), dtype=torch.float64)
+    results = []
+    for fast in (True, False):
+        with ops.fast_ops(fast), torch.profiler.profile() as prof:
+            out = block(x)
+            grads = torch.autograd.grad(out, (x, *block.parameters()), grad)
+        names = {event.name for event in prof.events()}
+        assert ("blockzoo::involution_aggregate_backward" in names) == fast
+        results.append((out, *grads))
+    _assert_same(*results, rtol=1e-10, atol=1e-10)
+    with ops.fast_ops(True):
+        assert block.generate_kernel(x).shape == (2, 2, 7, 7, -(-29 // stride), -(-23 // stride))
 
 
 @pytest.mark.parametrize("fast", [True, False])
@@ -566,6 +691,24 @@ def test_kernel_threads_keeps_torch_thread_count_inside() -> None:
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                             text=True, check=True, timeout=120)
     assert result.stdout.strip() == "1"
+
+
+@needs_numba
+@pytest.mark.parametrize("policy", [None, "active"])
+def test_kernel_thread_pool_start_leaves_the_wait_policy_as_it_was(policy) -> None:
+    """Numba's OpenMP runtime starts with ``OMP_WAIT_POLICY=passive`` set only while it loads
+    (idle workers sleep instead of spinning); a policy the user set is kept and used."""
+    code = ("import os, torch; from blockzoo.blocks.involution import involution2d; "
+            "out = involution2d(torch.ones(1, 4, 5, 5), torch.ones(1, 1, 3, 3, 5, 5)); "
+            "print(os.environ.get('OMP_WAIT_POLICY'), float(out.sum()))")
+    env = {key: value for key, value in os.environ.items()
+           if key not in (ops.ENV_DISABLE, "OMP_WAIT_POLICY")}
+    if policy is not None:
+        env["OMP_WAIT_POLICY"] = policy
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                            text=True, check=True, timeout=120)
+    # each of the 4 channels: (2 + 3 + 3 + 3 + 2) ** 2 products of ones inside the map
+    assert result.stdout.split() == [str(policy), str(float(4 * 13**2))]
 
 
 def _forked_child(queue) -> None:

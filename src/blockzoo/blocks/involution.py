@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from ..core.counting import map_elements
 from ..core.validation import check_positive_int
@@ -164,9 +165,7 @@ def involution2d(x: torch.Tensor, kernel: torch.Tensor, stride: int = 1) -> torc
     x, kernel = x.to(dtype), kernel.to(dtype)
     n, c, h, w = x.shape
     if use_fast_path(x, kernel):
-        p = (k - 1) // 2
-        xp = F.pad(x, (p, p + (-w) % stride, p, p + (-h) % stride))
-        return involution_aggregate(xp, kernel, stride)
+        return involution_aggregate(x, kernel, stride)
     xp = _grouped_padded(x, groups, k, stride)
     if torch.is_grad_enabled() and (x.requires_grad or kernel.requires_grad):
         out = _Involution.apply(xp, kernel, stride)
@@ -190,6 +189,35 @@ def involution_unfold_reference(
     windows = windows.reshape(n, groups, c // groups, k * k, ho, wo)
     weights = kernel.reshape(n, groups, 1, k * k, ho, wo)
     return (windows * weights).sum(dim=3).reshape(n, c, ho, wo)
+
+
+def _runs_as_matmul(*modules: nn.Module) -> bool:
+    """Whether ``modules[-1]``, a 1x1 conv, may run as a matrix product with its parameters:
+    a plain ``nn.Conv2d`` (stride 1, no groups, padding or dilation), and no hooks on any of
+    ``modules`` (the conv and the modules called around it) nor global module hooks (a wrapped,
+    replaced or hooked conv runs as itself)."""
+    conv = modules[-1]
+    return (
+        not (_global_forward_hooks or _global_forward_pre_hooks)
+        and type(conv) is nn.Conv2d
+        and conv.kernel_size == (1, 1)
+        and conv.stride == (1, 1)
+        and conv.padding == (0, 0)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+    )
+
+
+def _pointwise(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` for a 1x1 conv as one batched matrix product. A bias enters as one more input
+    channel of ones (``x`` must carry it as its last channel), so that the output is written in
+    one pass; ``x`` may have more columns than the conv's input."""
+    weight = conv.weight.flatten(1)
+    if conv.bias is not None:
+        weight = torch.cat([weight, conv.bias[:, None]], dim=1)
+    n, _, h, w = x.shape
+    return torch.bmm(weight.expand(n, -1, -1), x.flatten(2)).reshape(n, weight.shape[0], h, w)
 
 
 @register_block(
@@ -221,7 +249,9 @@ class Involution(Block):
     ``kernel_size = 7``, ``group_channels = 16``, ``reduction = 4`` (reduced width at least 1).
 
     Shapes: ``(N, C, H, W) -> (N, C, ceil(H / s), ceil(W / s))``; ``out_channels`` must equal
-    ``in_channels``. Applied with :func:`involution2d` (offset accumulation, no unfold).
+    ``in_channels``. Applied with :func:`involution2d` (offset accumulation, no unfold); on the
+    compiled CPU path at stride 1, the operator takes the kernel with each row followed by
+    ``(K - 1) / 2`` ignored values, which ``span`` computes directly (see :meth:`_kernel`).
     """
 
     conv_preservation = (
@@ -271,14 +301,48 @@ class Involution(Block):
 
     def generate_kernel(self, x: torch.Tensor) -> torch.Tensor:
         """The per-position kernels ``(N, G, K, K, ceil(H / s), ceil(W / s))`` for input ``x``."""
+        return self._kernel(x, 0)
+
+    def _kernel(self, x: torch.Tensor, extra_columns: int) -> torch.Tensor:
+        """:meth:`generate_kernel`, or with ``extra_columns`` more (finite, meaningless) values
+        after each row: ``span`` then runs on the reduced map padded by columns of ones.
+
+        On that path the two 1x1 convs run as batched matrix products with their parameters
+        (unless wrapped or hooked, see :func:`_runs_as_matmul`): as fast as oneDNN's convs on
+        CPU or faster, the large kernel written once (oneDNN's conv held a second, reordered
+        copy of it), and no conv in the graph that ``torch.compile`` would switch to
+        channels-last around the custom operator."""
         if self.stride > 1:
             x = ceil_avg_pool(x, self.stride)
-        weight = self.span(self.reduce(x))
         k = self.kernel_size
-        return weight.reshape(x.shape[0], self.groups, k, k, weight.shape[2], weight.shape[3])
+        if not extra_columns:
+            weight = self.span(self.reduce(x))
+            return weight.reshape(x.shape[0], self.groups, k, k, weight.shape[2], weight.shape[3])
+        reduce = self.reduce
+        if (isinstance(reduce, ConvNormAct)
+                and _runs_as_matmul(reduce, reduce.bn, reduce.act, reduce.conv)
+                and reduce.conv.bias is None):
+            reduced = reduce.act(reduce.bn(_pointwise(reduce.conv, x)))
+        else:
+            reduced = reduce(x)
+        if _runs_as_matmul(self.span):
+            ones = 1 if self.span.bias is not None else 0  # a channel of ones for the bias
+            padded = F.pad(reduced, (0, extra_columns, 0, 0, 0, ones), value=1.0)
+            weight = _pointwise(self.span, padded)
+        else:
+            weight = self.span(F.pad(reduced, (0, extra_columns)))
+        n, _, h, w = weight.shape
+        return weight.reshape(n, self.groups, k, k, h, w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
+        if self.stride == 1 and use_fast_path(x, *self.parameters()):
+            # the compiled operator runs on kernel rows padded by (K - 1) / 2 values: made by
+            # the 1x1 conv itself here, instead of a padded copy of the kernel
+            kernel = self._kernel(x, self.kernel_size // 2)
+            if use_fast_path(x, kernel):  # not under autocast, whose conv gives bfloat16
+                return involution_aggregate(x, kernel, 1)
+            return involution2d(x, kernel[..., :x.shape[3]], 1)
         return involution2d(x, self.generate_kernel(x), self.stride)
 
     def explain(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -3,7 +3,9 @@
 FLOPs are 2 per multiply-add. Convolutions and matrix products are counted by
 ``torch.utils.flop_counter.FlopCounterMode``; work a block does with elementwise operations that
 the counter cannot see is declared by the block's ``extra_flops(x)`` hook in the same unit and
-added here (docs/profiling.md states the rule).
+added here (docs/profiling.md states the rule). The count is taken on the PyTorch reference forms
+of the blocks (the compiled CPU kernels of :mod:`blockzoo.ops` are switched off while counting),
+so it is the same whichever implementation is installed or active.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from ..ops import fast_ops
 
 
 def map_elements(x: torch.Tensor, channels: int | None = None, stride: int = 1) -> int:
@@ -45,7 +49,7 @@ def count_flops(module: nn.Module, x: torch.Tensor, backward: bool = False) -> i
         if callable(getattr(m, "extra_flops", None))
     ]
     try:
-        with FlopCounterMode(display=False) as counter:
+        with fast_ops(False), FlopCounterMode(display=False) as counter:
             out = module(x)
             if backward:
                 backward_from_sum(out)

@@ -108,17 +108,40 @@ def kernel(
 prange = range if numba is None else numba.prange
 
 
+def _start_thread_pool() -> None:
+    """Start numba's thread pool with idle workers that sleep instead of spinning.
+
+    With pip wheels numba's OpenMP layer loads its own GNU OpenMP runtime beside torch's, whose
+    idle workers spin for milliseconds after every parallel region (the default wait policy):
+    on a machine with as many cores as threads they took a core from torch's next operator.
+    That runtime reads ``OMP_WAIT_POLICY`` once, when numba loads it (here, on the first kernel
+    call), so it is set to ``passive`` for that moment only, unless the user set it; torch's
+    runtime, loaded long before, keeps its own settings.
+    """
+    if "OMP_WAIT_POLICY" in os.environ:
+        numba.set_num_threads(1)
+        return
+    os.environ["OMP_WAIT_POLICY"] = "passive"
+    try:
+        numba.set_num_threads(1)  # loads the threading layer
+    finally:
+        del os.environ["OMP_WAIT_POLICY"]
+
+
 @contextlib.contextmanager
 def kernel_threads(chunk: int = 0) -> Iterator[None]:
     """Run the kernels inside on as many threads as torch uses (``torch.set_num_threads``).
 
     Numba's OpenMP layer sets the process-wide OpenMP thread count when it starts its pool,
     which torch shares: torch's count is put back at once (for torch's own operations inside)
-    and afterwards. ``chunk > 0`` hands the
-    iterations of parallel loops out ``chunk`` at a time to whichever thread is free (dynamic
-    scheduling: a thread that the OS holds back on a busy machine does not hold up the others).
+    and afterwards. ``chunk > 0`` hands the iterations of parallel loops out ``chunk`` at a time
+    to whichever thread is free (dynamic scheduling: a thread that the OS holds back on a busy
+    machine does not hold up the others).
     """
     count = torch.get_num_threads()
+    if not _state.get("pool_started"):
+        _start_thread_pool()
+        _state["pool_started"] = True
     numba.set_num_threads(max(1, min(count, numba.config.NUMBA_NUM_THREADS)))
     if torch.get_num_threads() != count:
         torch.set_num_threads(count)
