@@ -252,6 +252,7 @@ class _DeformConvBase(Block):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         impl = implementation(self.impl, x)
+        planar = not x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous()
         if impl == "fast":
             # The compiled operator samples channels-last pixels, and the offset conv is faster
             # on them too: one layout change serves both. It also samples a non-finite point
@@ -262,11 +263,14 @@ class _DeformConvBase(Block):
         if impl != "fast":
             offset = finite_offset(offset, (k, k), self.stride, self.padding, self.dilation)
         op = _OPS[impl]
-        return op(
+        out = op(
             x, offset, self.weight, self.bias, stride=(self.stride, self.stride),
             padding=(self.padding, self.padding), dilation=(self.dilation, self.dilation),
             mask=mask,
         )
+        # the output keeps the input's memory format (a planar input gives a planar output,
+        # on which .view() works as on torchvision's), as convolutions do
+        return out.contiguous() if impl == "fast" and planar else out
 
     def explain(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The sampling ``offset`` ``(N, 2 * G * k * k, Ho, Wo)`` and, for v2, the ``mask``.
