@@ -202,6 +202,8 @@ def test_channels_last_and_non_contiguous_inputs(name: str) -> None:
     block = cfg.build().eval()
     x = cfg.input(2, 9, 7)
     expected = _run(block, x)
+    # a planar (NCHW-contiguous) input gives a planar output, on which .view() works
+    assert expected.is_contiguous(), f"{name}: output strides {expected.stride()}"
     torch.testing.assert_close(
         _run(block, x.to(memory_format=torch.channels_last)), expected, rtol=1e-4, atol=1e-5
     )

@@ -341,15 +341,79 @@ def test_deform_fast_gradcheck_float64(with_mask: bool) -> None:
 
 
 @needs_numba
-def test_deform_opcheck() -> None:
-    for case in DEFORM_CASES[1:3]:
-        (x, offset, _, _, mask), kw = _deform_problem(case, n=1, h=5, w=4)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_deform_opcheck(channels_last: bool) -> None:
+    """Registration, fake tensors (shapes and strides, also for channels-last operands as the
+    blocks pass them) and autograd of the custom op, with and without bias."""
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    for case, with_bias in zip(DEFORM_CASES[1:3], (False, True), strict=True):
+        (x, offset, _, bias, mask), kw = _deform_problem(case, n=1, h=5, w=4)
         geometry = [3, 3, kw["stride"], kw["stride"], kw["padding"], kw["padding"],
                     kw["dilation"], kw["dilation"]]
-        weight = torch.randn(6, 4 // case[3], 3, 3, requires_grad=True)
-        args = (x.requires_grad_(), offset.requires_grad_(), mask.requires_grad_(), weight,
-                geometry)
+        weight = torch.randn(6, 4 // case[3], 3, 3).to(memory_format=layout).requires_grad_()
+        x, offset, mask = (t.to(memory_format=layout).requires_grad_() for t in (x, offset, mask))
+        args = (x, offset, mask, weight, geometry, bias.requires_grad_() if with_bias else None)
         torch.library.opcheck(ops.deform_conv2d_op, args)
+        grad = torch.randn(ops.deform_conv2d_op(*args).shape)
+        backward_args = (grad, x.detach(), offset.detach(), mask.detach(), weight.detach(),
+                         geometry)
+        torch.library.opcheck(ops.deform_conv2d_backward, backward_args)
+
+
+@needs_numba
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("case", [DEFORM_CASES[1], DEFORM_CASES[2]])
+def test_deform_fast_tiles_and_parallel_samples_match_float64(case, threads, monkeypatch) -> None:
+    """Column tiles much smaller than a sample (and ending inside one), and samples processed
+    in parallel in the backward (3 samples on 2 threads): equal to torchvision in float64, as
+    with one tile per call."""
+    from blockzoo.ops import deform as deform_module
+
+    tensors, kw = _deform_problem(case, torch.float64, n=3, h=9, w=7, scale=2.5)
+    expected = _deform_grads(tv_deform_conv2d, tensors, kw)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        whole = _deform_grads(ops.deform_conv2d, tensors, kw)
+        columns = 4 * 9 * 8  # C * taps * float64 bytes: a row of columns
+        monkeypatch.setattr(deform_module, "_TILE_BYTES", 5 * columns)  # 5-row tiles
+        tiled = _deform_grads(ops.deform_conv2d, tensors, kw)
+    finally:
+        torch.set_num_threads(previous)
+    _assert_same(tiled, expected, rtol=1e-10, atol=1e-10)
+    _assert_same(whole, expected, rtol=1e-10, atol=1e-10)
+
+
+@needs_numba
+@pytest.mark.parametrize(("groups", "offset_groups"), [(3, 2), (2, 3), (6, 1), (1, 6)])
+def test_deform_fast_groups_not_aligned_with_offset_groups(groups, offset_groups) -> None:
+    """Conv groups and offset groups that split each other's channels (6 channels): equal to
+    torchvision in float64, with a mask, stride 2 and dilation 2."""
+    x = torch.randn(2, 6, 9, 10, dtype=torch.float64)
+    weight = torch.randn(12, 6 // groups, 3, 3, dtype=torch.float64)
+    bias = torch.randn(12, dtype=torch.float64)
+    offset = torch.randn(2, 2 * offset_groups * 9, 4, 4, dtype=torch.float64) * 2
+    mask = torch.rand(2, offset_groups * 9, 4, 4, dtype=torch.float64)
+    kw = {"stride": 2, "padding": 1, "dilation": 2}
+    tensors = (x, offset, weight, bias, mask)
+    _assert_same(_deform_grads(ops.deform_conv2d, tensors, kw),
+                 _deform_grads(tv_deform_conv2d, tensors, kw), rtol=1e-10, atol=1e-10)
+
+
+@needs_numba
+def test_deform_fast_op_samples_non_finite_offsets_outside_the_image() -> None:
+    """The operator itself (no finite_offset): a NaN or infinite offset gives the value and
+    gradients of a point far outside, also with a mask."""
+    tensors, kw = _deform_problem(DEFORM_CASES[1], n=1)
+    x, offset, weight, bias, mask = tensors
+    far, bad = offset.clone(), offset.clone()
+    far[0, [0, 3, 8], [1, 2, 0], [0, 3, 5]] = -1e4
+    bad[0, [0, 3, 8], [1, 2, 0], [0, 3, 5]] = torch.tensor([float("nan"), float("inf"),
+                                                            -float("inf")])
+    got = _deform_grads(ops.deform_conv2d, (x, bad, weight, bias, mask), kw)
+    expected = _deform_grads(ops.deform_conv2d, (x, far, weight, bias, mask), kw)
+    _assert_same(got, expected, rtol=0, atol=0)
+    assert got[2][0, [0, 3, 8], [1, 2, 0], [0, 3, 5]].eq(0).all()
 
 
 @pytest.mark.parametrize("fast", [True, False])
@@ -745,6 +809,19 @@ def test_kernels_keep_torch_thread_count() -> None:
             "involution2d; involution2d(torch.ones(1, 4, 5, 5), torch.ones(1, 1, 3, 3, 5, 5)); "
             "print(torch.get_num_threads())")
     env = {key: value for key, value in os.environ.items() if key != ops.ENV_DISABLE}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                            text=True, check=True, timeout=120)
+    assert result.stdout.strip() == "1"
+
+
+@needs_numba
+def test_kernel_threads_keeps_torch_thread_count_inside() -> None:
+    """Also inside ``kernel_threads`` on its first use (torch's own products there, and the
+    deformable tile size, follow ``torch.set_num_threads``)."""
+    code = ("import torch; torch.set_num_threads(1); from blockzoo.ops._backend import "
+            "kernel_threads\nwith kernel_threads(): print(torch.get_num_threads())")
+    env = {key: value for key, value in os.environ.items() if key != ops.ENV_DISABLE}
+    env["NUMBA_NUM_THREADS"] = "2"
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                             text=True, check=True, timeout=120)
     assert result.stdout.strip() == "1"

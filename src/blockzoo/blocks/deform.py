@@ -8,7 +8,9 @@ The sampling runs on blockzoo's compiled CPU operator (:func:`blockzoo.ops.defor
 it is available, else on ``torchvision.ops.deform_conv2d``; :func:`deform_conv2d_torch` is the
 same operation written with PyTorch tensor ops (bilinear sampling by ``gather``), which exports to
 ONNX with dynamic shapes and has a deterministic backward on every device. Non-finite offsets
-sample outside the image on every path (:func:`blockzoo.ops.finite_offset`).
+sample outside the image on every path (the compiled operator tests each point; the others get
+:func:`blockzoo.ops.finite_offset`). On the compiled operator the input is taken channels-last
+(one copy, which the offset conv also runs faster on) and the result is channels-last.
 """
 
 from __future__ import annotations
@@ -249,15 +251,26 @@ class _DeformConvBase(Block):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
+        impl = implementation(self.impl, x)
+        planar = not x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous()
+        if impl == "fast":
+            # The compiled operator samples channels-last pixels, and the offset conv is faster
+            # on them too: one layout change serves both. It also samples a non-finite point
+            # outside the image by itself (zero, zero gradient), so finite_offset is not needed.
+            x = x.contiguous(memory_format=torch.channels_last)
         offset, mask = self.offsets(x)
         k = self.kernel_size
-        offset = finite_offset(offset, (k, k), self.stride, self.padding, self.dilation)
-        op = _OPS[implementation(self.impl, x)]
-        return op(
+        if impl != "fast":
+            offset = finite_offset(offset, (k, k), self.stride, self.padding, self.dilation)
+        op = _OPS[impl]
+        out = op(
             x, offset, self.weight, self.bias, stride=(self.stride, self.stride),
             padding=(self.padding, self.padding), dilation=(self.dilation, self.dilation),
             mask=mask,
         )
+        # the output keeps the input's memory format (a planar input gives a planar output,
+        # on which .view() works as on torchvision's), as convolutions do
+        return out.contiguous() if impl == "fast" and planar else out
 
     def explain(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The sampling ``offset`` ``(N, 2 * G * k * k, Ho, Wo)`` and, for v2, the ``mask``.

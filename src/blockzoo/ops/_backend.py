@@ -89,12 +89,19 @@ def path_description() -> str:
     )
 
 
-def kernel(parallel: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator: compile with numba (cached, parallel), or leave the function as it is."""
+def kernel(
+    parallel: bool = True, reassociate: bool = False
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: compile with numba (cached, parallel), or leave the function as it is.
+
+    ``reassociate=True`` lets the compiler reorder floating-point sums (so that a reduction loop
+    is vectorised); the order is fixed at compile time, so results stay deterministic.
+    """
     if numba is None:
         return lambda fn: fn
+    fastmath = {"contract", "reassoc"} if reassociate else {"contract"}
     return numba.njit(
-        parallel=parallel, cache=True, fastmath={"contract"}, error_model="numpy", nogil=True
+        parallel=parallel, cache=True, fastmath=fastmath, error_model="numpy", nogil=True
     )
 
 
@@ -122,20 +129,27 @@ def _start_thread_pool() -> None:
 
 
 @contextlib.contextmanager
-def kernel_threads() -> Iterator[None]:
+def kernel_threads(chunk: int = 0) -> Iterator[None]:
     """Run the kernels inside on as many threads as torch uses (``torch.set_num_threads``).
 
     Numba's OpenMP layer sets the process-wide OpenMP thread count when it starts its pool,
-    which torch shares: torch's count is put back afterwards.
+    which torch shares: torch's count is put back at once (for torch's own operations inside)
+    and afterwards. ``chunk > 0`` hands the iterations of parallel loops out ``chunk`` at a time
+    to whichever thread is free (dynamic scheduling: a thread that the OS holds back on a busy
+    machine does not hold up the others).
     """
     count = torch.get_num_threads()
     if not _state.get("pool_started"):
         _start_thread_pool()
         _state["pool_started"] = True
     numba.set_num_threads(max(1, min(count, numba.config.NUMBA_NUM_THREADS)))
+    if torch.get_num_threads() != count:
+        torch.set_num_threads(count)
+    previous_chunk = numba.set_parallel_chunksize(chunk)
     try:
         yield
     finally:
+        numba.set_parallel_chunksize(previous_chunk)
         if torch.get_num_threads() != count:
             torch.set_num_threads(count)
 
