@@ -513,7 +513,7 @@ def _run_forward(qkv: torch.Tensor, pe: torch.Tensor, size: int, dilation: int, 
     _, _, block_rows, rows, cols = _geometry(qkv, size, dilation, stride, False)
     if out.numel():
         factor = qkv.new_ones(1) if rate is None else rate.detach().reshape(1)
-        with kernel_threads():
+        with kernel_threads(chunk=1):  # jobs handed out one at a time: a busy core holds up none
             _forward(as_array(qkv), as_array(pe), rows.numpy(), cols.numpy(), size, dilation,
                      stride, _scalar(scale, qkv), block_rows, _exp_constants(qkv.dtype),
                      as_array(out), as_array(factor), rate is not None)
@@ -556,7 +556,7 @@ def window_attention_backward(
     grad_qkv = torch.zeros_like(qkv)
     if grad.numel():
         _, _, block_rows, rows, cols = _geometry(qkv, size, dilation, stride, True)
-        with kernel_threads():
+        with kernel_threads(chunk=1):  # jobs handed out one at a time: a busy core holds up none
             _backward(as_array(grad), as_array(qkv), as_array(pe), rows.numpy(), cols.numpy(),
                       size, dilation, stride, _scalar(scale, qkv), block_rows,
                       _exp_constants(qkv.dtype), as_array(grad_qkv))
