@@ -20,36 +20,10 @@ from ..core.counting import map_elements
 from ..core.validation import check_positive_int
 from ..layers import same_padding
 from ..ops import grouped_conv2d, use_fast_path, window_attention, window_attention_add_
+from ..ops.acmix import reflect_indices
 from ..registry import register_block
 from .base import Block, ExplainKey
 from .involution import _runs_as_matmul
-
-
-def reflect_indices(
-    size: int | torch.SymInt, pad: int, device: torch.device | str | None = None
-) -> torch.Tensor:
-    """Source index of each padded position ``-pad .. size + pad - 1`` under reflection.
-
-    Reflection about the first and last element (the edge is not repeated), iterated while the
-    position is still outside: with period ``2 * (size - 1)``, ``i -> last - |(i mod period) -
-    last|``. For ``pad < size`` this is exactly ``nn.ReflectionPad2d``; it stays defined for
-    ``pad >= size`` (where PyTorch's reflection padding raises), and a size-1 axis replicates its
-    single element.
-
-    A concrete ``size`` gives a constant index tensor (cheap for ``torch.compile``); a symbolic
-    one (``torch.export`` with dynamic dims) the same formula in tensor arithmetic, so the export
-    stays dynamic.
-    """
-    if isinstance(size, int):
-        last, period = size - 1, max(2 * size - 2, 1)
-        index = [last - abs(i % period - last) for i in range(-pad, size + pad)]
-        return torch.tensor(index, device=device)
-    positions = torch.arange(-pad, size + pad, device=device)
-    last = torch.full((), size - 1, device=device, dtype=positions.dtype)
-    period = (2 * last).clamp_min(1)
-    # positions mod period, spelled out: inductor mis-ranges torch.remainder by a tensor here
-    phase = positions - period * torch.div(positions, period, rounding_mode="floor")
-    return last - (phase - last).abs()
 
 
 def reflect_pad2d(x: torch.Tensor, pad: int) -> torch.Tensor:

@@ -245,14 +245,13 @@ def _scatter_products(dst, a, b, offset, rows, width, wo, wp, stride):  # pragma
 
 
 @kernel(parallel=False)
-def _load_block(qkv, pe, b, h, i0, rows, used, stride, scale, rix, cix, width, margin,
+def _load_block(qkv, pe, b, h, i0, rows, used, stride, pad, scale, rix, cix, width, margin,
                 qb, kb, vb):  # pragma: no cover - compiled
     """Copy a block's scaled ``q`` rows (from ``margin``, row pitch ``width``, the rest zero)
     and its ``used`` reflection-padded ``k - pe`` and ``v`` rows (pitch ``len(cix)``)."""
     w = qkv.shape[5]
     wo = (w - 1) // stride + 1
     wp = cix.shape[0]
-    pad = (wp - (wo - 1) * stride - 1) // 2  # the table spans the window on both sides
     inner = min(w, wp - pad)  # padded columns pad .. pad + inner - 1 are columns 0 .. inner - 1
     qb[:] = 0
     for c in range(qkv.shape[1]):
@@ -326,7 +325,8 @@ def _forward(qkv, pe, rix, cix, size, dilation, stride, scale, block_rows, const
         s = np.empty((size * size, block_rows * width), dtype=qkv.dtype)
         acc = np.empty(block_rows * width, dtype=qkv.dtype)
         top = np.empty(block_rows * width, dtype=qkv.dtype)
-        _load_block(qkv, pe, b, h, i0, rows, used, stride, scale, rix, cix, width, 0, qb, kb, vb)
+        _load_block(qkv, pe, b, h, i0, rows, used, stride, span // 2, scale, rix, cix, width, 0,
+                    qb, kb, vb)
         _attention_weights(qb, kb, 0, rows, width, wo, wp, size, dilation, stride, length,
                            consts, s, top, acc)
         for c in range(d):
@@ -394,8 +394,8 @@ def _backward(grad, qkv, pe, rix, cix, size, dilation, stride, scale, block_rows
             acc = np.empty(buffer, dtype=qkv.dtype)
             top = np.empty(buffer, dtype=qkv.dtype)
             zero = np.zeros(buffer, dtype=qkv.dtype)
-            _load_block(qkv, pe, b, h, i0, rows, used, stride, scale, rix, cix, width, margin,
-                        qb, kb, vb)
+            _load_block(qkv, pe, b, h, i0, rows, used, stride, pad, scale, rix, cix, width,
+                        margin, qb, kb, vb)
             _load_rows(grad, b, h, i0, rows, width, margin, gb)
             _attention_weights(qb, kb, margin, rows, width, wo, wp, size, dilation, stride,
                                length, consts, ab, top, acc)  # recomputed, not stored
@@ -452,14 +452,35 @@ def _backward(grad, qkv, pe, rix, cix, size, dilation, stride, scale, block_rows
                         vdst[cix[j]] += vsrc[j]
 
 
-def _reflect_table(size: int, pad: int, padded: int) -> torch.Tensor:
-    """Source index of padded positions ``-pad .. padded - pad - 1`` (iterated reflection)."""
-    last, period = size - 1, max(2 * size - 2, 1)
-    return torch.tensor([last - abs(i % period - last) for i in range(-pad, padded - pad)])
+def reflect_indices(
+    size: int | torch.SymInt, pad: int, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """Source index of each padded position ``-pad .. size + pad - 1`` under reflection.
+
+    Reflection about the first and last element (the edge is not repeated), iterated while the
+    position is still outside: with period ``2 * (size - 1)``, ``i -> last - |(i mod period) -
+    last|``. For ``pad < size`` this is exactly ``nn.ReflectionPad2d``; it stays defined for
+    ``pad >= size`` (where PyTorch's reflection padding raises), and a size-1 axis replicates its
+    single element.
+
+    A concrete ``size`` gives a constant index tensor (cheap for ``torch.compile``); a symbolic
+    one (``torch.export`` with dynamic dims) the same formula in tensor arithmetic, so the export
+    stays dynamic.
+    """
+    if isinstance(size, int):
+        last, period = size - 1, max(2 * size - 2, 1)
+        index = [last - abs(i % period - last) for i in range(-pad, size + pad)]
+        return torch.tensor(index, device=device)
+    positions = torch.arange(-pad, size + pad, device=device)
+    last = torch.full((), size - 1, device=device, dtype=positions.dtype)
+    period = (2 * last).clamp_min(1)
+    # positions mod period, spelled out: inductor mis-ranges torch.remainder by a tensor here
+    phase = positions - period * torch.div(positions, period, rounding_mode="floor")
+    return last - (phase - last).abs()
 
 
 def _geometry(qkv: torch.Tensor, size: int, dilation: int, stride: int, backward: bool):
-    """Output size, block rows and the reflection tables (long enough for every block)."""
+    """Output size, block rows and the reflection tables of rows and columns."""
     h, w = qkv.shape[-2:]
     ho, wo = -(-h // stride), -(-w // stride)
     span = (size - 1) * dilation
@@ -470,11 +491,7 @@ def _geometry(qkv: torch.Tensor, size: int, dilation: int, stride: int, backward
         block_rows = max(block_rows, min(ho, -(-span // stride)))
         if span // 2 >= h:  # iterated reflection can reach any row: one block
             block_rows = ho
-    blocks = -(-ho // block_rows)
-    padded_rows = (blocks * block_rows - 1) * stride + span + 1
-    rows = _reflect_table(h, span // 2, padded_rows)
-    cols = _reflect_table(w, span // 2, (wo - 1) * stride + span + 1)
-    return ho, wo, block_rows, rows, cols
+    return ho, wo, block_rows, reflect_indices(h, span // 2), reflect_indices(w, span // 2)
 
 
 def _scalar(value: float, like: torch.Tensor) -> np.floating:
