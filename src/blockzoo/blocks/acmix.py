@@ -22,8 +22,7 @@ from ..layers import same_padding
 from ..ops import grouped_conv2d, use_fast_path, window_attention, window_attention_add_
 from ..ops.acmix import reflect_indices
 from ..registry import register_block
-from .base import Block, ExplainKey
-from .involution import _runs_as_matmul
+from .base import Block, ExplainKey, runs_as_matmul
 
 
 def reflect_pad2d(x: torch.Tensor, pad: int) -> torch.Tensor:
@@ -325,8 +324,8 @@ class ACmix(Block):
         projections = (self.conv1, self.conv2, self.conv3, self.conv_p)
         dep = self.dep_conv
         return (
-            all(_runs_as_matmul(m) and m.bias is not None for m in projections)
-            and _runs_as_matmul(self.fc) and self.fc.bias is None
+            all(runs_as_matmul(m) and m.bias is not None for m in projections)
+            and runs_as_matmul(self.fc) and self.fc.bias is None
             and type(dep) is nn.Conv2d
             and not (dep._forward_hooks or dep._forward_pre_hooks)
             and dep.bias is None

@@ -12,6 +12,7 @@ from typing import ClassVar, Literal
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from ..core.validation import check_positive_int, require
 from ..layers import LayerSpec, check_layers
@@ -32,6 +33,24 @@ def parameter_dtype(module: nn.Module) -> torch.dtype | None:
                 return p.dtype
         stack.extend(reversed(current._modules.values()))
     return None
+
+
+def runs_as_matmul(*modules: nn.Module) -> bool:
+    """Whether ``modules[-1]``, a 1x1 conv, may run as a matrix product with its parameters:
+    a plain ``nn.Conv2d`` (stride 1, no groups, padding or dilation), and no hooks on any of
+    ``modules`` (the conv and the modules called around it) nor global module hooks (a wrapped,
+    replaced or hooked conv runs as itself)."""
+    conv = modules[-1]
+    return (
+        not (_global_forward_hooks or _global_forward_pre_hooks)
+        and type(conv) is nn.Conv2d
+        and conv.kernel_size == (1, 1)
+        and conv.stride == (1, 1)
+        and conv.padding == (0, 0)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+    )
 
 
 Width = Literal["free", "same", "structural"]

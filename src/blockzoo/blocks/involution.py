@@ -20,14 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
-from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from ..core.counting import map_elements
 from ..core.validation import check_positive_int
 from ..layers import ConvNormAct, LayerSpec
 from ..ops import involution_aggregate, use_fast_path
 from ..registry import register_block
-from .base import Block, ExplainKey
+from .base import Block, ExplainKey, runs_as_matmul
 
 
 def _check_operands(x: torch.Tensor, kernel: torch.Tensor, stride: int) -> tuple[int, int]:
@@ -191,24 +190,6 @@ def involution_unfold_reference(
     return (windows * weights).sum(dim=3).reshape(n, c, ho, wo)
 
 
-def _runs_as_matmul(*modules: nn.Module) -> bool:
-    """Whether ``modules[-1]``, a 1x1 conv, may run as a matrix product with its parameters:
-    a plain ``nn.Conv2d`` (stride 1, no groups, padding or dilation), and no hooks on any of
-    ``modules`` (the conv and the modules called around it) nor global module hooks (a wrapped,
-    replaced or hooked conv runs as itself)."""
-    conv = modules[-1]
-    return (
-        not (_global_forward_hooks or _global_forward_pre_hooks)
-        and type(conv) is nn.Conv2d
-        and conv.kernel_size == (1, 1)
-        and conv.stride == (1, 1)
-        and conv.padding == (0, 0)
-        and conv.dilation == (1, 1)
-        and conv.groups == 1
-        and not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
-    )
-
-
 def _pointwise(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """``conv(x)`` for a 1x1 conv as one batched matrix product. A bias enters as one more input
     channel of ones (``x`` must carry it as its last channel), so that the output is written in
@@ -308,7 +289,7 @@ class Involution(Block):
         after each row: ``span`` then runs on the reduced map padded by columns of ones.
 
         On that path the two 1x1 convs run as batched matrix products with their parameters
-        (unless wrapped or hooked, see :func:`_runs_as_matmul`): as fast as oneDNN's convs on
+        (unless wrapped or hooked, see :func:`runs_as_matmul`): as fast as oneDNN's convs on
         CPU or faster, the large kernel written once (oneDNN's conv held a second, reordered
         copy of it), and no conv in the graph that ``torch.compile`` would switch to
         channels-last around the custom operator."""
@@ -320,12 +301,12 @@ class Involution(Block):
             return weight.reshape(x.shape[0], self.groups, k, k, weight.shape[2], weight.shape[3])
         reduce = self.reduce
         if (isinstance(reduce, ConvNormAct)
-                and _runs_as_matmul(reduce, reduce.bn, reduce.act, reduce.conv)
+                and runs_as_matmul(reduce, reduce.bn, reduce.act, reduce.conv)
                 and reduce.conv.bias is None):
             reduced = reduce.act(reduce.bn(_pointwise(reduce.conv, x)))
         else:
             reduced = reduce(x)
-        if _runs_as_matmul(self.span):
+        if runs_as_matmul(self.span):
             ones = 1 if self.span.bias is not None else 0  # a channel of ones for the bias
             padded = F.pad(reduced, (0, extra_columns, 0, 0, 0, ones), value=1.0)
             weight = _pointwise(self.span, padded)
