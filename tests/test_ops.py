@@ -893,3 +893,41 @@ CONTRACT_CHECKS = [
 def test_contract_checks_on_the_fallback(name: str, check) -> None:
     with ops.fast_ops(False):
         check(name)
+
+
+@needs_numba
+@pytest.mark.parametrize("value", [0.0, -1.0, 1.0, 2.0])
+def test_deform_fast_op_gradients_at_integer_points_follow_torchvision(value: float) -> None:
+    """At a whole-pixel sampling point (every point of a fresh block, whose offsets start at
+    zero; the padding row at -1 included) bilinear sampling has a kink: the gradients to offsets
+    and mask are torchvision's one-sided ones, not zero."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 6, 5, dtype=torch.float64)
+    weight = torch.randn(3, 4, 3, 3, dtype=torch.float64)
+    offset = torch.full((2, 18, 6, 5), value, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(2, 9, 6, 5, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(2, 3, 6, 5, dtype=torch.float64)
+    expected = tv_deform_conv2d(x, offset, weight, padding=1, mask=mask)
+    expected_grads = torch.autograd.grad((expected * grad).sum(), (offset, mask))
+    out = ops.deform_conv2d(x, offset, weight, None, padding=(1, 1), mask=mask)
+    grads = torch.autograd.grad((out * grad).sum(), (offset, mask))
+    torch.testing.assert_close(out, expected)
+    for got, want in zip(grads, expected_grads, strict=True):
+        assert want.abs().max() > 0.1
+        torch.testing.assert_close(got, want)
+
+
+@needs_numba
+@pytest.mark.parametrize("name", ["deform_conv", "mdeform_conv"])
+def test_fresh_deform_block_gradients_equal_the_reference_path(name: str) -> None:
+    torch.manual_seed(0)
+    block = bz.create_block(name, 8, dtype=torch.float64)
+    x = torch.randn(2, 8, 7, 6, dtype=torch.float64)
+    grads = {}
+    for enabled in (True, False):
+        block.zero_grad()
+        with ops.fast_ops(enabled):
+            block(x).square().sum().backward()
+        grads[enabled] = {n: p.grad.clone() for n, p in block.named_parameters()}
+    for pname, got in grads[True].items():
+        torch.testing.assert_close(got, grads[False][pname], msg=pname)

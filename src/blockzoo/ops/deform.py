@@ -65,14 +65,16 @@ def _sampling_point(offset, mask, has_mask, point, l, length, y, x, h, w):
     """Offset pair ``point = b * points + k`` (sample ``b``, ``points`` pairs per sample) at
     output position ``l`` (``offset``, ``mask`` flat), regular-grid point ``(y, x)``: the four
     corner pixels (``h * w`` for a corner outside the image), fractions
-    ``ly, lx``, mask value and whether the point lies inside ``(-1, h) x (-1, w)`` at all (false
+    ``ly, lx``, mask value and whether the point lies inside ``[-1, h) x [-1, w)`` at all (false
     for NaN)."""
     real = offset.dtype.type  # coordinates in the offsets' precision, as torchvision
     at = np.uint64(2 * point * length + l)
     py, px = real(y) + offset[at], real(x) + offset[at + np.uint64(length)]
     scale = mask[np.uint64(point * length + l)] if has_mask else real(1)
     outside = h * w
-    if not (py > -1 and py < h and px > -1 and px < w):
+    # [-1, h): at -1 the value is zero but the gradient is the one-sided one of the corners
+    # above and right of the point, as everywhere (torchvision's convention)
+    if not (py >= -1 and py < h and px >= -1 and px < w):
         return outside, outside, outside, outside, real(0), real(0), scale, False
     y0, x0 = int(np.floor(py)), int(np.floor(px))
     top, left, bottom, right = y0 >= 0, x0 >= 0, y0 + 1 < h, x0 + 1 < w
