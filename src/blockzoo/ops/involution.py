@@ -68,12 +68,18 @@ def _add_one(acc, weight, x, span):  # pragma: no cover - compiled
 
 
 @kernel(parallel=False)
+def _seven_rows(weight, row, start):  # pragma: no cover - compiled
+    """Rows ``row .. row + 6`` of ``weight`` from column ``start`` on (views)."""
+    return (weight[row, start:], weight[row + 1, start:], weight[row + 2, start:],
+            weight[row + 3, start:], weight[row + 4, start:], weight[row + 5, start:],
+            weight[row + 6, start:])
+
+
+@kernel(parallel=False)
 def _add_seven(acc, weight, row, start, x, span):  # pragma: no cover - compiled
     """``acc[t] += sum_{v < 7} weight[row + v, start + t] * x[t + v]`` for ``t < span``, added
     in the order of ``v`` (the same sums as seven :func:`_add_one` passes)."""
-    w0, w1, w2, w3 = weight[row, start:], weight[row + 1, start:], weight[row + 2, start:], \
-        weight[row + 3, start:]
-    w4, w5, w6 = weight[row + 4, start:], weight[row + 5, start:], weight[row + 6, start:]
+    w0, w1, w2, w3, w4, w5, w6 = _seven_rows(weight, row, start)
     for t in range(span):
         s = acc[t]
         s += w0[t] * x[t]
@@ -90,9 +96,7 @@ def _add_seven(acc, weight, row, start, x, span):  # pragma: no cover - compiled
 def _add_seven_twice(acc, weight, row, start, x, shift, span):  # pragma: no cover - compiled
     """:func:`_add_seven` for two channels at once, ``acc[c]`` and ``x[c, shift:]`` for
     ``c < 2``: each weight loaded once for both."""
-    w0, w1, w2, w3 = weight[row, start:], weight[row + 1, start:], weight[row + 2, start:], \
-        weight[row + 3, start:]
-    w4, w5, w6 = weight[row + 4, start:], weight[row + 5, start:], weight[row + 6, start:]
+    w0, w1, w2, w3, w4, w5, w6 = _seven_rows(weight, row, start)
     a, b, xa, xb = acc[0], acc[1], x[0, shift:], x[1, shift:]
     for t in range(span):
         s, z = a[t], b[t]
