@@ -39,6 +39,19 @@ from .base import ExplainKey, ShapePreservingBlock
 _ATTENTION = dict(kind="attention")
 
 
+def reduced_channels(
+    owner: str, in_channels: int, reduction: float, rd_channels: int | None, min_channels: int
+) -> int:
+    """The hidden width of a channel gate: ``rd_channels`` when given, else
+    ``make_divisible(in_channels / reduction, 1)`` and at least ``min_channels`` (checked, with
+    errors naming ``owner``)."""
+    check_positive_number(owner, "reduction", reduction)
+    check_positive_int(owner, "min_channels", min_channels)
+    if rd_channels is None:
+        return make_divisible(in_channels / reduction, 1, min_value=min_channels)
+    return check_positive_int(owner, "rd_channels", rd_channels)
+
+
 @register_block(
     "se",
     paper="Squeeze-and-Excitation Networks",
@@ -73,13 +86,8 @@ class SqueezeExcite(ShapePreservingBlock):
     ) -> None:
         super().__init__(in_channels, out_channels, stride)
         name = type(self).__name__
-        check_positive_number(name, "reduction", reduction)
-        check_positive_int(name, "min_channels", min_channels)
+        rd_channels = reduced_channels(name, in_channels, reduction, rd_channels, min_channels)
         self.check_layers(act_layer=act_layer, gate_layer=gate_layer)
-        if rd_channels is None:
-            rd_channels = make_divisible(in_channels / reduction, 1, min_value=min_channels)
-        else:
-            check_positive_int(name, "rd_channels", rd_channels)
         self.rd_channels = rd_channels
         self.fc1 = nn.Conv2d(in_channels, rd_channels, 1)
         self.act = create_act(act_layer, inplace=True)  # on fc1's fresh output
@@ -337,15 +345,10 @@ class CBAM(ShapePreservingBlock):
     ) -> None:
         super().__init__(in_channels, out_channels, stride)
         name = type(self).__name__
-        check_positive_number(name, "reduction", reduction)
-        check_positive_int(name, "min_channels", min_channels)
+        rd_channels = reduced_channels(name, in_channels, reduction, rd_channels, min_channels)
         check_positive_int(name, "spatial_kernel_size", spatial_kernel_size, odd=True)
         check_bool(name, "zero_init_spatial", zero_init_spatial)
         self.check_layers(act_layer=act_layer, norm_layer=norm_layer)
-        if rd_channels is None:
-            rd_channels = make_divisible(in_channels / reduction, 1, min_value=min_channels)
-        else:
-            check_positive_int(name, "rd_channels", rd_channels)
         self.rd_channels = rd_channels
         self.mlp = nn.Sequential(
             nn.Linear(in_channels, rd_channels), create_act(act_layer),
