@@ -7,11 +7,13 @@ kernels (``blockzoo``), the same block on its PyTorch reference form (``before``
 ran before the kernels existed, ``blockzoo.ops.fast_ops(False)``), the peer implementation (the
 authors' unfold form, or torchvision's op) and ``nn.Conv2d(C, C, 3) + BN + ReLU``. It prints time
 ratios to the conv (the targets are set on these) and peak memory (``peak_bytes``).
-``compile_table`` times ``torch.compile`` (inductor) against eager for the blockzoo path.
+``compile_table`` times ``torch.compile`` (inductor) against eager for the blockzoo path;
+``parser`` and ``run_tables`` give the three scripts one command line and one sequence.
 """
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable
 
 import torch
@@ -50,6 +52,32 @@ def make_step(module: nn.Module, x: torch.Tensor, fast: bool, train: bool) -> St
             module.zero_grad(set_to_none=True)
 
     return step
+
+
+def parser(description: str, versus_unfold: bool = False) -> argparse.ArgumentParser:
+    """The benchmarks' shared options (``--versus-unfold`` where an older table exists)."""
+    result = argparse.ArgumentParser(description=description)
+    result.add_argument("--quick", action="store_true", help="tiny sizes, one repeat")
+    result.add_argument("--threads", type=str, default="1,2", help="torch thread counts")
+    result.add_argument("--rounds", type=int, default=3)
+    result.add_argument("--no-compile", action="store_true", help="skip the compile table")
+    if versus_unfold:
+        result.add_argument("--versus-unfold", action="store_true", help="the older table")
+    return result
+
+
+def thread_counts(args: argparse.Namespace) -> tuple[int, ...]:
+    return tuple(int(t) for t in args.threads.split(","))
+
+
+def run_tables(title: str, impls: Impls, args: argparse.Namespace) -> None:
+    """Header, the conv table and (unless ``--no-compile``) the compile table of ``impls``'s
+    ``"blockzoo"`` builder."""
+    threads, rounds = thread_counts(args), 1 if args.quick else args.rounds
+    header(title, rounds)
+    conv_table(impls, threads, rounds, args.quick)
+    if not args.no_compile:
+        compile_table(impls["blockzoo"][0], threads[-1], rounds, args.quick)
 
 
 def header(title: str, rounds: int) -> None:

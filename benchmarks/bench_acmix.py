@@ -27,12 +27,11 @@ counted.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 
 import torch
 from _common import Step, cpu_model, peak_bytes, time_interleaved
-from _versus_conv import compile_table, conv_table, header
+from _versus_conv import parser, run_tables, thread_counts
 
 import blockzoo as bz
 from blockzoo import ops
@@ -98,27 +97,16 @@ def block_steps(n: int, c: int, size: int, k: int, head: int, stride: int) -> di
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat")
-    parser.add_argument("--threads", type=str, default="1,2", help="torch thread counts")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--no-compile", action="store_true", help="skip the compile table")
-    parser.add_argument("--versus-unfold", action="store_true", help="the older table")
-    args = parser.parse_args()
-    threads = tuple(int(t) for t in args.threads.split(","))
+    args = parser(__doc__.split("\n")[0], versus_unfold=True).parse_args()
     if args.versus_unfold:
-        versus_unfold(args.quick, threads[0], args.rounds)
+        versus_unfold(args.quick, thread_counts(args)[0], args.rounds)
         return
     impls = {
         "blockzoo": (bz.ACmix, True),
         "before": (bz.ACmix, False),
         "unfold": (UnfoldACmix, False),
     }
-    rounds = 1 if args.quick else args.rounds
-    header("ACmix (C -> C, kernel_att 7, 4 heads)", rounds)
-    conv_table(impls, threads, rounds, args.quick)
-    if not args.no_compile:
-        compile_table(bz.ACmix, threads[-1], rounds, args.quick)
+    run_tables("ACmix (C -> C, kernel_att 7, 4 heads)", impls, args)
 
 
 def versus_unfold(quick: bool, threads: int, repeats: int) -> None:

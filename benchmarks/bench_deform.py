@@ -13,11 +13,10 @@ against eager.
 
 from __future__ import annotations
 
-import argparse
 from functools import partial
 
 import torch
-from _versus_conv import compile_table, conv_table, header
+from _versus_conv import parser, run_tables
 from torch import nn
 
 import blockzoo as bz
@@ -31,23 +30,13 @@ def build(cls: type[nn.Module], impl: str, channels: int) -> nn.Module:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat")
-    parser.add_argument("--threads", type=str, default="1,2", help="torch thread counts")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--no-compile", action="store_true", help="skip the compile tables")
-    args = parser.parse_args()
-    threads = tuple(int(t) for t in args.threads.split(","))
-    rounds = 1 if args.quick else args.rounds
+    args = parser(__doc__.split("\n")[0]).parse_args()
     for cls in (bz.DeformConv2d, bz.ModulatedDeformConv2d):
         impls = {
             "blockzoo": (partial(build, cls, "auto"), True),
             "torchvision": (partial(build, cls, "torchvision"), False),
         }
-        header(f"{cls.__name__} (C -> C, 3x3)", rounds)
-        conv_table(impls, threads, rounds, args.quick)
-        if not args.no_compile:
-            compile_table(partial(build, cls, "auto"), threads[-1], rounds, args.quick)
+        run_tables(f"{cls.__name__} (C -> C, 3x3)", impls, args)
 
 
 if __name__ == "__main__":
