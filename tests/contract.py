@@ -8,12 +8,26 @@ entry to :data:`EXAMPLES`.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 import blockzoo as bz
+
+
+@contextlib.contextmanager
+def deterministic_algorithms() -> Iterator[None]:
+    """``torch.use_deterministic_algorithms(True)`` inside, the previous setting restored after."""
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was)
+
 
 #: bf16 autocast tolerance: ||y_bf16 - y_fp32|| / ||y_fp32|| must stay below this.
 BF16_RELATIVE_TOLERANCE = 5e-2

@@ -23,6 +23,7 @@ from .contract import (
     Config,
     all_configs,
     configs,
+    deterministic_algorithms,
     example,
     main_config,
 )
@@ -223,9 +224,7 @@ def test_channels_last_and_non_contiguous_inputs(name: str) -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_deterministic_algorithms(name: str) -> None:
     cfg = main_config(name)
-    was = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic_algorithms():
         outputs = []
         for _ in range(2):
             torch.manual_seed(7)
@@ -235,8 +234,6 @@ def test_deterministic_algorithms(name: str) -> None:
             y.square().mean().backward()
             outputs.append((y.detach(), x.grad))
         torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
-    finally:
-        torch.use_deterministic_algorithms(was)
 
 
 @pytest.mark.parametrize("name", NAMES)

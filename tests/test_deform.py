@@ -18,6 +18,8 @@ import blockzoo as bz
 from blockzoo import ops
 from blockzoo.blocks.deform import deform_conv2d_torch, implementation, uses_torchvision
 
+from .contract import deterministic_algorithms
+
 # (C_in, C_out, H, W, kernel, stride, padding, dilation, groups, offset_groups, with mask)
 CASES = [
     (4, 6, 7, 6, 3, 1, 1, 1, 1, 1, False),
@@ -216,28 +218,20 @@ def _check_auto_without_fast_ops(x: torch.Tensor) -> None:
     assert uses_torchvision("auto", x)
     assert not uses_torchvision("auto", x.bfloat16())  # torchvision has no bfloat16 kernel
     assert uses_torchvision("torchvision", x.bfloat16()) and not uses_torchvision("torch", x)
-    was = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic_algorithms():
         assert uses_torchvision("auto", x)  # the CPU backward is deterministic
         assert not uses_torchvision("auto", x.to("meta"))  # non-CPU: torchvision uses atomicAdd
-    finally:
-        torch.use_deterministic_algorithms(was)
 
 
 def test_torchvision_cpu_backward_is_deterministic_and_rejects_bfloat16() -> None:
     x, offset, weight, bias, mask, kw = _random_problem(CASES[2], torch.float32)
-    was = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic_algorithms():
         grads = []
         for _ in range(2):
             leaves = [t.detach().requires_grad_() for t in (x, offset, weight, mask)]
             y = deform_conv2d(leaves[0], leaves[1], leaves[2], bias, mask=leaves[3], **kw)
             grads.append(torch.autograd.grad(y.square().sum(), leaves))
         torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
-    finally:
-        torch.use_deterministic_algorithms(was)
     with pytest.raises(RuntimeError, match="BFloat16"):
         deform_conv2d(x.bfloat16(), offset.bfloat16(), weight.bfloat16(), **kw)
 

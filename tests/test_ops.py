@@ -23,6 +23,7 @@ from blockzoo.blocks.deform import deform_conv2d_torch, implementation
 from blockzoo.blocks.involution import involution2d, involution_unfold_reference
 
 from . import test_contract
+from .contract import deterministic_algorithms
 
 needs_numba = pytest.mark.skipif(not ops.fast_ops_available(), reason="numba is not installed")
 TOL = {"rtol": 1e-5, "atol": 1e-5}
@@ -226,14 +227,9 @@ def test_involution_block_fast_path_equals_its_reference_form(stride: int) -> No
 @pytest.mark.parametrize("fast", [True, False])
 def test_involution_deterministic_bitwise(fast: bool) -> None:
     x, kernel = _involution_operands(2, 32, 11, 9, 2, 7, 2)
-    was = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        with ops.fast_ops(fast):
-            runs = [_grads(lambda a, b: involution2d(a, b, 2), (x, kernel),
-                           torch.ones(2, 32, 6, 5)) for _ in range(2)]
-    finally:
-        torch.use_deterministic_algorithms(was)
+    with deterministic_algorithms(), ops.fast_ops(fast):
+        runs = [_grads(lambda a, b: involution2d(a, b, 2), (x, kernel),
+                       torch.ones(2, 32, 6, 5)) for _ in range(2)]
     _assert_same(runs[0], runs[1], rtol=0, atol=0)
 
 
@@ -422,19 +418,14 @@ def test_deform_block_deterministic_channels_last_and_empty(fast: bool, cls) -> 
     block = cls(8, 6, 2, offset_groups=2)
     torch.nn.init.normal_(block.offset_conv.weight, std=0.5)
     x = torch.randn(2, 8, 9, 7, requires_grad=True)
-    was = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        with ops.fast_ops(fast):
-            runs = []
-            for _ in range(2):
-                y = block(x)
-                runs.append((y, *torch.autograd.grad(y.square().sum(), (x, block.weight))))
-            cl = block(x.detach().to(memory_format=torch.channels_last))
-            sliced = block(torch.cat([x.detach(), x.detach()], dim=-1)[..., ::2])
-            empty = block(torch.randn(0, 8, 9, 7))
-    finally:
-        torch.use_deterministic_algorithms(was)
+    with deterministic_algorithms(), ops.fast_ops(fast):
+        runs = []
+        for _ in range(2):
+            y = block(x)
+            runs.append((y, *torch.autograd.grad(y.square().sum(), (x, block.weight))))
+        cl = block(x.detach().to(memory_format=torch.channels_last))
+        sliced = block(torch.cat([x.detach(), x.detach()], dim=-1)[..., ::2])
+        empty = block(torch.randn(0, 8, 9, 7))
     _assert_same(runs[0], runs[1], rtol=0, atol=0)
     torch.testing.assert_close(cl, runs[0][0], **TOL)
     assert sliced.shape == runs[0][0].shape
@@ -722,24 +713,19 @@ def test_acmix_hooked_or_replaced_sub_modules_run_as_themselves() -> None:
 def test_acmix_deterministic_channels_last_non_finite_and_empty(fast: bool) -> None:
     block = bz.ACmix(16, 16)
     x = torch.randn(2, 16, 9, 7, requires_grad=True)
-    was = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        with ops.fast_ops(fast):
-            runs = []
-            for _ in range(2):
-                y = block(x)
-                runs.append((y, *torch.autograd.grad(y.square().sum(), (x, block.conv1.weight))))
-            cl = block(x.detach().to(memory_format=torch.channels_last))
-            bad = x.detach().clone()
-            bad[0, 3, 4, 4] = float("nan")
-            bad[1, 2, 0, 0] = float("inf")
-            non_finite = block(bad)
-            empty_inputs = _attention_operands(0, 4, 5, 3)
-            empty = local_window_attention(*empty_inputs, 3, 1, 2)
-            empty.sum().backward()
-    finally:
-        torch.use_deterministic_algorithms(was)
+    with deterministic_algorithms(), ops.fast_ops(fast):
+        runs = []
+        for _ in range(2):
+            y = block(x)
+            runs.append((y, *torch.autograd.grad(y.square().sum(), (x, block.conv1.weight))))
+        cl = block(x.detach().to(memory_format=torch.channels_last))
+        bad = x.detach().clone()
+        bad[0, 3, 4, 4] = float("nan")
+        bad[1, 2, 0, 0] = float("inf")
+        non_finite = block(bad)
+        empty_inputs = _attention_operands(0, 4, 5, 3)
+        empty = local_window_attention(*empty_inputs, 3, 1, 2)
+        empty.sum().backward()
     _assert_same(runs[0], runs[1], rtol=0, atol=0)
     torch.testing.assert_close(cl, runs[0][0], **TOL)
     assert empty.shape == (0, 4, 3, 2)
