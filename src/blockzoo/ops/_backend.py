@@ -118,8 +118,7 @@ def _start_thread_pool() -> None:
     call), so it is set to ``passive`` for that moment only, unless the user set it; torch's
     runtime, loaded long before, keeps its own settings.
     """
-    if "OMP_WAIT_POLICY" in os.environ:
-        numba.set_num_threads(1)
+    if "OMP_WAIT_POLICY" in os.environ:  # the user's policy: the first call loads the layer
         return
     os.environ["OMP_WAIT_POLICY"] = "passive"
     try:
