@@ -917,3 +917,17 @@ def test_fresh_deform_block_gradients_equal_the_reference_path(name: str) -> Non
         grads[enabled] = {n: p.grad.clone() for n, p in block.named_parameters()}
     for pname, got in grads[True].items():
         torch.testing.assert_close(got, grads[False][pname], msg=pname)
+
+
+@needs_numba
+@pytest.mark.parametrize(("name", "where"), [("involution", "span"), ("involution", "reduce"),
+                                             ("acmix", "dep_conv"), ("acmix", "conv1")])
+def test_fast_paths_keep_backward_hooks_of_their_sub_modules(name: str, where: str) -> None:
+    """A full backward hook fires only when its module is called: the fast paths then call it."""
+    block = bz.create_block(name, 16).train()
+    fired: list[str] = []
+    block.get_submodule(where).register_full_backward_hook(lambda *args: fired.append(where))
+    x = torch.randn(2, 16, 9, 7, requires_grad=True)
+    with ops.fast_ops(True):
+        block(x).square().sum().backward()
+    assert fired == [where]

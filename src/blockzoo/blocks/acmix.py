@@ -22,7 +22,7 @@ from ..layers import same_padding
 from ..ops import grouped_conv2d, use_fast_path, window_attention, window_attention_add_
 from ..ops.acmix import reflect_indices
 from ..registry import register_block
-from .base import Block, ExplainKey, runs_as_matmul
+from .base import Block, ExplainKey, calls_only_forward, runs_as_matmul
 
 
 def reflect_pad2d(x: torch.Tensor, pad: int) -> torch.Tensor:
@@ -327,7 +327,7 @@ class ACmix(Block):
             all(runs_as_matmul(m) and m.bias is not None for m in projections)
             and runs_as_matmul(self.fc) and self.fc.bias is None
             and type(dep) is nn.Conv2d
-            and not (dep._forward_hooks or dep._forward_pre_hooks)
+            and calls_only_forward(dep)
             and dep.bias is None
             and dep.groups == self.head_dim
             and dep.stride == (self.stride, self.stride)

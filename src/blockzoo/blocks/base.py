@@ -12,7 +12,12 @@ from typing import ClassVar, Literal
 
 import torch
 from torch import nn
-from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
+from torch.nn.modules.module import (
+    _global_backward_hooks,
+    _global_backward_pre_hooks,
+    _global_forward_hooks,
+    _global_forward_pre_hooks,
+)
 
 from ..core.validation import check_positive_int, require
 from ..layers import LayerSpec, check_layers
@@ -35,21 +40,35 @@ def parameter_dtype(module: nn.Module) -> torch.dtype | None:
     return None
 
 
+def calls_only_forward(*modules: nn.Module) -> bool:
+    """True when calling each of ``modules`` would do nothing but its ``forward``: no forward or
+    backward hooks on them, no global module hooks, and ``torch.jit`` not tracing (tracing
+    records module scopes through the call). Only then may a fast path compute from their
+    parameters, or run their children, without calling them."""
+    return (
+        not (_global_forward_pre_hooks or _global_forward_hooks
+             or _global_backward_pre_hooks or _global_backward_hooks)
+        and not any(m._forward_pre_hooks or m._forward_hooks or m._backward_pre_hooks
+                    or m._backward_hooks for m in modules)
+        and not torch.jit.is_tracing()
+    )
+
+
 def runs_as_matmul(*modules: nn.Module) -> bool:
     """Whether ``modules[-1]``, a 1x1 conv, may run as a matrix product with its parameters:
-    a plain ``nn.Conv2d`` (stride 1, no groups, padding or dilation), and no hooks on any of
-    ``modules`` (the conv and the modules called around it) nor global module hooks (a wrapped,
-    replaced or hooked conv runs as itself)."""
+    a plain ``nn.Conv2d`` (stride 1, no groups, padding or dilation), and nothing but the
+    forward of any of ``modules`` (the conv and the modules called around it) would run if they
+    were called (see :func:`calls_only_forward`; a wrapped, replaced or hooked conv runs as
+    itself)."""
     conv = modules[-1]
     return (
-        not (_global_forward_hooks or _global_forward_pre_hooks)
-        and type(conv) is nn.Conv2d
+        type(conv) is nn.Conv2d
         and conv.kernel_size == (1, 1)
         and conv.stride == (1, 1)
         and conv.padding == (0, 0)
         and conv.dilation == (1, 1)
         and conv.groups == 1
-        and not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+        and calls_only_forward(*modules)
     )
 
 

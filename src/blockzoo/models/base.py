@@ -14,14 +14,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.modules.module import (
-    _global_backward_hooks,
-    _global_backward_pre_hooks,
-    _global_forward_hooks,
-    _global_forward_pre_hooks,
-)
 
-from ..blocks.base import check_input, named_open_modules
+from ..blocks.base import calls_only_forward, check_input, named_open_modules
 from ..core.validation import (
     check_bool,
     check_choice,
@@ -273,20 +267,9 @@ class StagedNet(nn.Module):
 
 
 def runs_as_plain_sequential(module: nn.Module) -> bool:
-    """True when calling ``module`` would do nothing but ``nn.Sequential.forward``.
-
-    That is: ``module`` is an ``nn.Sequential`` (not a subclass), has no forward or backward
-    hooks, no global module hooks are registered and ``torch.jit`` is not tracing (tracing
-    records module scopes through the call).
-    """
-    return (
-        type(module) is nn.Sequential
-        and not (module._forward_pre_hooks or module._forward_hooks
-                 or module._backward_pre_hooks or module._backward_hooks)
-        and not (_global_forward_pre_hooks or _global_forward_hooks
-                 or _global_backward_pre_hooks or _global_backward_hooks)
-        and not torch.jit.is_tracing()
-    )
+    """True when calling ``module`` would do nothing but ``nn.Sequential.forward``: an
+    ``nn.Sequential`` (not a subclass) that :func:`~blockzoo.blocks.base.calls_only_forward`."""
+    return type(module) is nn.Sequential and calls_only_forward(module)
 
 
 def init_conv_norm_act(model: nn.Module) -> None:
