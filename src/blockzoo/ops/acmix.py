@@ -36,20 +36,30 @@ import torch
 
 from ._backend import as_array, kernel, kernel_threads, numba, prange
 
-# Flattened length of a block of output rows: the ``T`` score rows of a block stay in cache.
+# Flattened length of a block of output rows: the ``T`` score rows of a block stay in cache. In
+# the forward pass it is also the (compile-time) pitch of the rows of the score, query and output
+# buffers, so that one pointer and constant offsets address a row of window taps.
 _FORWARD_LENGTH = 320
 _BACKWARD_LENGTH = 384
-_EXP_TERMS = 12  # Taylor terms of exp on [-ln 2 / 2, ln 2 / 2]: float64-accurate
+# Taylor terms of exp on [-ln 2 / 2, ln 2 / 2]: 8 in float32 (truncation error below 1e-8, a tenth
+# of an ulp), 12 in float64 (below 1e-14).
+_EXP_TERMS = 12
 _MIN_EXPONENT = 125  # scores below the maximum by more than 125 ln 2 get weight 0
+# ln 2 in two parts (Cody and Waite): ``n * ln2_hi`` is exact for ``|n| <= 2^8``.
+_LN2_HI = {torch.float32: 0.693145751953125, torch.float64: 6.93147180369123816490e-01}
+_LN2_LO = {torch.float32: 1.428606765330187e-06, torch.float64: 1.90821492927058770002e-10}
 
 
 def _exp_constants(dtype: torch.dtype) -> np.ndarray:
-    """``log2 e``, ``ln 2``, ``1 / k!`` for ``k < _EXP_TERMS``, the smallest argument, and the
-    other constants of the exponential in the data's dtype (a Python float would make numba
-    compute in float64)."""
-    values = [math.log2(math.e), math.log(2), *(1 / math.factorial(k) for k in range(_EXP_TERMS)),
+    """``log2 e``, ``ln 2`` (high and low part), ``1 / k!`` for ``k < _EXP_TERMS``, the smallest
+    argument, and the other constants of the exponential in the data's dtype (a Python float
+    would make numba compute in float64)."""
+    wide = dtype != torch.float32
+    values = [math.log2(math.e), _LN2_HI[torch.float64 if wide else torch.float32],
+              _LN2_LO[torch.float64 if wide else torch.float32],
+              *(1 / math.factorial(k) for k in range(_EXP_TERMS)),
               -_MIN_EXPONENT * math.log(2), 0.5, -_MIN_EXPONENT, 0.0, 1.0]
-    return np.array(values, dtype=np.float32 if dtype == torch.float32 else np.float64)
+    return np.array(values, dtype=np.float64 if wide else np.float32)
 
 
 if numba is not None:
@@ -78,21 +88,62 @@ if numba is not None:
             return builder.bitcast(value, ir.FloatType() if width == 32 else ir.DoubleType())
 
         return like(n, like), codegen
+
+    @intrinsic
+    def _single(typingctx, like):
+        """Whether ``like`` is a float32 (a constant of the compiled code)."""
+        if not isinstance(like, types.Float):
+            return None
+
+        def codegen(context, builder, signature, args):
+            return context.get_constant(types.boolean, like.bitwidth == 32)
+
+        return types.boolean(like), codegen
 else:  # pragma: no cover - the kernels never run without numba
     def _pow2(n, like):
         return 2.0**n
 
+    def _single(like):
+        return isinstance(like, np.float32)
+
 
 @kernel(parallel=False)
-def _softmax(s, margin, length, consts, top, total):  # pragma: no cover - compiled
-    """Softmax over the rows of ``s[:, margin:margin + length]`` (NaN spreads over its column,
-    as in torch). The exponential is vectorised: ``x = n ln 2 + r``, ``exp(x) = 2^n * poly(r)``;
-    below ``-125 ln 2`` (and ``-inf``) exactly 0, so that a zero weight times an infinite value
-    is NaN as in torch; NaN stays NaN."""
-    log2e, ln2, lowest = consts[0], consts[1], consts[_EXP_TERMS + 2]
-    c0, c1, c2, c3, c4, c5 = consts[2], consts[3], consts[4], consts[5], consts[6], consts[7]
-    c6, c7, c8, c9, c10, c11 = consts[8], consts[9], consts[10], consts[11], consts[12], consts[13]
-    half, bottom, zero, one = consts[15], consts[16], consts[17], consts[18]
+def _exp_terms(consts):  # pragma: no cover - compiled
+    """The constants of :func:`_exp` as a tuple of scalars: read once, outside the loops (loads
+    from ``consts`` inside a loop that stores would be repeated in every iteration)."""
+    return (consts[0], consts[1], consts[2], consts[_EXP_TERMS + 3], consts[_EXP_TERMS + 4],
+            consts[_EXP_TERMS + 5], consts[_EXP_TERMS + 6], consts[3], consts[4], consts[5],
+            consts[6], consts[7], consts[8], consts[9], consts[10], consts[11], consts[12],
+            consts[13], consts[14])
+
+
+@kernel(parallel=False)
+def _exp(x, terms):  # pragma: no cover - compiled
+    """``exp(x)`` for ``x <= 0`` (or NaN), vectorisable (``terms``: :func:`_exp_terms`):
+    ``x = n ln 2 + r``, ``exp(x) = 2^n * poly(r)``, with ``_EXP_TERMS`` Taylor terms in float64
+    and 8 in float32; below ``-125 ln 2`` (and ``-inf``) exactly 0, so that a zero weight times
+    an infinite value is NaN as in torch; NaN stays NaN."""
+    log2e, ln2_hi, ln2_lo, lowest, half, bottom, zero = terms[:7]
+    small = x < lowest
+    x = x if not small else lowest
+    n = np.floor(x * log2e + half)
+    n = n if n >= bottom else bottom
+    n = n if n <= zero else zero
+    r = (x - n * ln2_hi) - n * ln2_lo
+    if _single(x):
+        poly = terms[14]
+    else:
+        poly = (((terms[18] * r + terms[17]) * r + terms[16]) * r + terms[15]) * r + terms[14]
+    poly = (((poly * r + terms[13]) * r + terms[12]) * r + terms[11]) * r + terms[10]
+    poly = ((poly * r + terms[9]) * r + terms[8]) * r + terms[7]
+    return poly * _pow2(np.int32(n), x) if not small else zero
+
+
+@kernel(parallel=False)
+def _exponentials(s, margin, length, consts, top, total):  # pragma: no cover - compiled
+    """The unnormalised softmax of the rows of ``s[:, margin:margin + length]``: each row
+    becomes ``exp(row - max over rows)`` (NaN spreads over its column, as in torch) and ``total``
+    one over the column sums (:func:`_exp`)."""
     first = s[0, margin:]
     for p in range(length):
         top[p] = first[p]
@@ -102,23 +153,22 @@ def _softmax(s, margin, length, consts, top, total):  # pragma: no cover - compi
         for p in range(length):
             if row[p] > top[p]:
                 top[p] = row[p]
+    terms = _exp_terms(consts)
     for t in range(s.shape[0]):
         row = s[t, margin:]
         for p in range(length):
-            x = row[p] - top[p]
-            small = x < lowest
-            x = x if not small else lowest
-            n = np.floor(x * log2e + half)
-            n = n if n >= bottom else bottom
-            n = n if n <= zero else zero
-            r = x - n * ln2
-            poly = (((((c11 * r + c10) * r + c9) * r + c8) * r + c7) * r + c6) * r + c5
-            poly = ((((poly * r + c4) * r + c3) * r + c2) * r + c1) * r + c0
-            e = poly * _pow2(np.int32(n), x) if not small else zero
+            e = _exp(row[p] - top[p], terms)
             row[p] = e
             total[p] += e
+    one = consts[_EXP_TERMS + 7]
     for p in range(length):
         total[p] = one / total[p]
+
+
+@kernel(parallel=False)
+def _softmax(s, margin, length, consts, top, total):  # pragma: no cover - compiled
+    """Softmax over the rows of ``s[:, margin:margin + length]`` (:func:`_exponentials`)."""
+    _exponentials(s, margin, length, consts, top, total)
     for t in range(s.shape[0]):
         row = s[t, margin:]
         for p in range(length):
@@ -188,6 +238,139 @@ def _window_sum(dst, weights, plane, margin, size, dilation, wp,
               plane[o2:], plane[o3:], plane[o4:], plane[o5:], plane[o6:], plane[o7:], length)
     for t in range(full, taps):
         _dot1(dst, weights[t, margin:], plane[_tap(size, dilation, wp, t):], length)
+
+
+# The forward pass with 7 x 7 windows, stride 1 and dilation 1 (ACmix's default) sweeps a row of seven taps for
+# eight channels at once: every load of a query or of a weight serves seven taps, every store of
+# a score or of an output eight products or more (the sweeps above load and store their
+# destination once per eight products). The score, query and output buffers are flat, their rows
+# ``_PITCH`` apart: a constant of the compiled code, so that one pointer and constant offsets
+# address all seven rows (with a run-time pitch the loops do not vectorise). Key and value rows
+# are slices.
+_PITCH = _FORWARD_LENGTH
+_ROW = 7  # taps of a window row on this path
+
+
+@kernel(parallel=False)
+def _row_scores8(s, q, k, c, u, wp, length, first):  # pragma: no cover - compiled
+    """``s[(7u + r) * _PITCH + p] (+)= sum_i q[(c + i) * _PITCH + p] * k[c + i, u * dilation *
+    wp + r + p]`` for ``i < 8``, ``r < 7`` (``=`` when ``first``)."""
+    o = u * wp
+    k0, k1, k2, k3 = k[c, o:], k[c + 1, o:], k[c + 2, o:], k[c + 3, o:]
+    k4, k5, k6, k7 = k[c + 4, o:], k[c + 5, o:], k[c + 6, o:], k[c + 7, o:]
+    qc, dst = q[c * _PITCH:], s[_ROW * u * _PITCH:]
+    zero = np.float32(0)  # float32 + float64 is float64: zero in either dtype
+    for p in range(length):
+        q0, q1, q2, q3 = qc[p], qc[_PITCH + p], qc[2 * _PITCH + p], qc[3 * _PITCH + p]
+        q4, q5 = qc[4 * _PITCH + p], qc[5 * _PITCH + p]
+        q6, q7 = qc[6 * _PITCH + p], qc[7 * _PITCH + p]
+        a0 = (q0 * k0[p] + q1 * k1[p] + q2 * k2[p] + q3 * k3[p] + q4 * k4[p] + q5 * k5[p]
+              + q6 * k6[p] + q7 * k7[p])
+        a1 = (q0 * k0[p + 1] + q1 * k1[p + 1] + q2 * k2[p + 1] + q3 * k3[p + 1]
+              + q4 * k4[p + 1] + q5 * k5[p + 1] + q6 * k6[p + 1] + q7 * k7[p + 1])
+        a2 = (q0 * k0[p + 2] + q1 * k1[p + 2] + q2 * k2[p + 2] + q3 * k3[p + 2]
+              + q4 * k4[p + 2] + q5 * k5[p + 2] + q6 * k6[p + 2] + q7 * k7[p + 2])
+        a3 = (q0 * k0[p + 3] + q1 * k1[p + 3] + q2 * k2[p + 3] + q3 * k3[p + 3]
+              + q4 * k4[p + 3] + q5 * k5[p + 3] + q6 * k6[p + 3] + q7 * k7[p + 3])
+        a4 = (q0 * k0[p + 4] + q1 * k1[p + 4] + q2 * k2[p + 4] + q3 * k3[p + 4]
+              + q4 * k4[p + 4] + q5 * k5[p + 4] + q6 * k6[p + 4] + q7 * k7[p + 4])
+        a5 = (q0 * k0[p + 5] + q1 * k1[p + 5] + q2 * k2[p + 5] + q3 * k3[p + 5]
+              + q4 * k4[p + 5] + q5 * k5[p + 5] + q6 * k6[p + 5] + q7 * k7[p + 5])
+        a6 = (q0 * k0[p + 6] + q1 * k1[p + 6] + q2 * k2[p + 6] + q3 * k3[p + 6]
+              + q4 * k4[p + 6] + q5 * k5[p + 6] + q6 * k6[p + 6] + q7 * k7[p + 6])
+        dst[p] = (zero if first else dst[p]) + a0
+        dst[_PITCH + p] = (zero if first else dst[_PITCH + p]) + a1
+        dst[2 * _PITCH + p] = (zero if first else dst[2 * _PITCH + p]) + a2
+        dst[3 * _PITCH + p] = (zero if first else dst[3 * _PITCH + p]) + a3
+        dst[4 * _PITCH + p] = (zero if first else dst[4 * _PITCH + p]) + a4
+        dst[5 * _PITCH + p] = (zero if first else dst[5 * _PITCH + p]) + a5
+        dst[6 * _PITCH + p] = (zero if first else dst[6 * _PITCH + p]) + a6
+
+
+@kernel(parallel=False)
+def _row_scores1(s, q, k, c, u, wp, length, first):  # pragma: no cover - compiled
+    """:func:`_row_scores8` for the one channel ``c``."""
+    o = u * wp
+    kc, qc, dst = k[c, o:], q[c * _PITCH:], s[_ROW * u * _PITCH:]
+    zero = np.float32(0)
+    for r in range(_ROW):
+        row = dst[r * _PITCH:]
+        for p in range(length):
+            row[p] = (zero if first else row[p]) + qc[p] * kc[p + r]
+
+
+@kernel(parallel=False)
+def _row_values8(acc, w, v, c, u, wp, length, first):  # pragma: no cover - compiled
+    """``acc[i * _PITCH + p] (+)= sum_r w[(7u + r) * _PITCH + p] * v[c + i, u * wp +
+    r + p]`` for ``i < 8``, ``r < 7`` (``=`` when ``first``)."""
+    o = u * wp
+    v0, v1, v2, v3 = v[c, o:], v[c + 1, o:], v[c + 2, o:], v[c + 3, o:]
+    v4, v5, v6, v7 = v[c + 4, o:], v[c + 5, o:], v[c + 6, o:], v[c + 7, o:]
+    wu = w[_ROW * u * _PITCH:]
+    zero = np.float32(0)
+    for p in range(length):
+        w0, w1, w2, w3 = wu[p], wu[_PITCH + p], wu[2 * _PITCH + p], wu[3 * _PITCH + p]
+        w4, w5, w6 = wu[4 * _PITCH + p], wu[5 * _PITCH + p], wu[6 * _PITCH + p]
+        acc[p] = ((zero if first else acc[p]) + w0 * v0[p]
+               + w1 * v0[p + 1] + w2 * v0[p + 2] + w3 * v0[p + 3] + w4 * v0[p + 4]
+               + w5 * v0[p + 5] + w6 * v0[p + 6])
+        acc[1 * _PITCH + p] = ((zero if first else acc[1 * _PITCH + p]) + w0 * v1[p]
+               + w1 * v1[p + 1] + w2 * v1[p + 2] + w3 * v1[p + 3] + w4 * v1[p + 4]
+               + w5 * v1[p + 5] + w6 * v1[p + 6])
+        acc[2 * _PITCH + p] = ((zero if first else acc[2 * _PITCH + p]) + w0 * v2[p]
+               + w1 * v2[p + 1] + w2 * v2[p + 2] + w3 * v2[p + 3] + w4 * v2[p + 4]
+               + w5 * v2[p + 5] + w6 * v2[p + 6])
+        acc[3 * _PITCH + p] = ((zero if first else acc[3 * _PITCH + p]) + w0 * v3[p]
+               + w1 * v3[p + 1] + w2 * v3[p + 2] + w3 * v3[p + 3] + w4 * v3[p + 4]
+               + w5 * v3[p + 5] + w6 * v3[p + 6])
+        acc[4 * _PITCH + p] = ((zero if first else acc[4 * _PITCH + p]) + w0 * v4[p]
+               + w1 * v4[p + 1] + w2 * v4[p + 2] + w3 * v4[p + 3] + w4 * v4[p + 4]
+               + w5 * v4[p + 5] + w6 * v4[p + 6])
+        acc[5 * _PITCH + p] = ((zero if first else acc[5 * _PITCH + p]) + w0 * v5[p]
+               + w1 * v5[p + 1] + w2 * v5[p + 2] + w3 * v5[p + 3] + w4 * v5[p + 4]
+               + w5 * v5[p + 5] + w6 * v5[p + 6])
+        acc[6 * _PITCH + p] = ((zero if first else acc[6 * _PITCH + p]) + w0 * v6[p]
+               + w1 * v6[p + 1] + w2 * v6[p + 2] + w3 * v6[p + 3] + w4 * v6[p + 4]
+               + w5 * v6[p + 5] + w6 * v6[p + 6])
+        acc[7 * _PITCH + p] = ((zero if first else acc[7 * _PITCH + p]) + w0 * v7[p]
+               + w1 * v7[p + 1] + w2 * v7[p + 2] + w3 * v7[p + 3] + w4 * v7[p + 4]
+               + w5 * v7[p + 5] + w6 * v7[p + 6])
+
+
+@kernel(parallel=False)
+def _row_values1(acc, w, v, c, u, wp, length, first):  # pragma: no cover - compiled
+    """:func:`_row_values8` for the one channel ``c`` (into ``acc[:length]``)."""
+    vc, wu = v[c, u * wp:], w[_ROW * u * _PITCH:]
+    zero = np.float32(0)
+    for r in range(_ROW):
+        row = wu[r * _PITCH:]
+        for p in range(length):
+            acc[p] = (zero if first and r == 0 else acc[p]) + row[p] * vc[p + r]
+
+
+@kernel(parallel=False)
+def _forward_rows7(qf, kb, vb, wp, length, consts, s, acc, top, total, rows, width,
+                   out, b, h, i0, rate, add):  # pragma: no cover - compiled
+    """The rest of a forward job on the 7 x 7 path, from the loaded block (``qf``
+    flat, rows ``_PITCH`` apart): scores, exponentials, the weighted sums of the values,
+    normalised as they are stored."""
+    d = kb.shape[0]
+    full = d - d % 8
+    for u in range(_ROW):
+        for c in range(0, full, 8):
+            _row_scores8(s, qf, kb, c, u, wp, length, c == 0)
+        for c in range(full, d):
+            _row_scores1(s, qf, kb, c, u, wp, length, c == 0)
+    _exponentials(s.reshape((_ROW * _ROW, _PITCH)), 0, length, consts, top, total)
+    for c in range(0, full, 8):
+        for u in range(_ROW):
+            _row_values8(acc, s, vb, c, u, wp, length, u == 0)
+        for i in range(8):
+            _store_rows(acc[i * _PITCH:], total, rows, width, out, b, h, c + i, i0, rate, add)
+    for c in range(full, d):
+        for u in range(_ROW):
+            _row_values1(acc, s, vb, c, u, wp, length, u == 0)
+        _store_rows(acc, total, rows, width, out, b, h, c, i0, rate, add)
 
 
 @kernel(parallel=False)
@@ -291,17 +474,18 @@ def _load_rows(src, b, h, i0, rows, width, margin, dst):  # pragma: no cover - c
 
 
 @kernel(parallel=False)
-def _store_rows(src, rows, width, dst, b, h, c, i0, rate, add):  # pragma: no cover - compiled
-    """``dst[b, h, c, i0 + r, j] = src[r * width + j]``, or ``+= rate[0] * src[...]``."""
+def _store_rows(src, norm, rows, width, dst, b, h, c, i0, rate, add):  # pragma: no cover
+    """``dst[b, h, c, i0 + r, j] = src[r * width + j] * norm[r * width + j]``, or ``+= rate[0] *
+    ...``."""
     factor = rate[0]
     for r in range(rows):
-        row, seg = dst[b, h, c, i0 + r], src[r * width:]
+        row, seg, scale = dst[b, h, c, i0 + r], src[r * width:], norm[r * width:]
         if add:
             for j in range(row.shape[0]):
-                row[j] += factor * seg[j]
+                row[j] += factor * (seg[j] * scale[j])
         else:
             for j in range(row.shape[0]):
-                row[j] = seg[j]
+                row[j] = seg[j] * scale[j]
 
 
 @kernel()
@@ -314,37 +498,50 @@ def _forward(qkv, pe, rix, cix, size, dilation, stride, scale, block_rows, const
     width = wp if stride == 1 else wo
     krows = (block_rows - 1) * stride + span + 1
     blocks = (ho + block_rows - 1) // block_rows
+    # then block_rows * width <= _PITCH
+    rows7 = stride == 1 and dilation == 1 and size == _ROW and width <= _PITCH
     for job in prange(n * heads * blocks):
         b, h, i0 = job // (heads * blocks), (job // blocks) % heads, (job % blocks) * block_rows
         rows = min(block_rows, ho - i0)
         length = (rows - 1) * width + wo
         used = (rows - 1) * stride + span + 1
-        qb = np.empty((d, block_rows * width), dtype=qkv.dtype)
         kb = np.empty((d, krows * wp), dtype=qkv.dtype)
         vb = np.empty((d, krows * wp), dtype=qkv.dtype)
-        s = np.empty((size * size, block_rows * width), dtype=qkv.dtype)
-        acc = np.empty(block_rows * width, dtype=qkv.dtype)
         top = np.empty(block_rows * width, dtype=qkv.dtype)
+        total = np.empty(block_rows * width, dtype=qkv.dtype)
+        if rows7:
+            qf = np.empty(d * _PITCH, dtype=qkv.dtype)
+            s = np.empty(_ROW * _ROW * _PITCH, dtype=qkv.dtype)
+            acc = np.empty(8 * _PITCH, dtype=qkv.dtype)
+            _load_block(qkv, pe, b, h, i0, rows, used, stride, span // 2, scale, rix, cix, width,
+                        0, qf.reshape((d, _PITCH)), kb, vb)
+            _forward_rows7(qf, kb, vb, wp, length, consts, s, acc, top, total, rows, width, out,
+                           b, h, i0, rate, add)
+            continue
+        qb = np.empty((d, block_rows * width), dtype=qkv.dtype)
+        s2 = np.empty((size * size, block_rows * width), dtype=qkv.dtype)
+        acc2 = np.empty(block_rows * width, dtype=qkv.dtype)
         _load_block(qkv, pe, b, h, i0, rows, used, stride, span // 2, scale, rix, cix, width, 0,
                     qb, kb, vb)
         _attention_weights(qb, kb, 0, rows, width, wo, wp, size, dilation, stride, length,
-                           consts, s, top, acc)
+                           consts, s2, top, total, False)
         for c in range(d):
             if stride == 1:
-                _window_sum(acc, s, vb[c], 0, size, dilation, wp, length)
+                _window_sum(acc2, s2, vb[c], 0, size, dilation, wp, length)
             else:
-                acc[:] = 0
+                acc2[:] = 0
                 for t in range(size * size):
-                    _gather_products(acc, s[t], vb[c], _tap(size, dilation, wp, t), rows,
+                    _gather_products(acc2, s2[t], vb[c], _tap(size, dilation, wp, t), rows,
                                      width, wo, wp, stride)
-            _store_rows(acc, rows, width, out, b, h, c, i0, rate, add)
+            _store_rows(acc2, total, rows, width, out, b, h, c, i0, rate, add)
 
 
 @kernel(parallel=False)
 def _attention_weights(qb, kb, margin, rows, width, wo, wp, size, dilation, stride, length,
-                       consts, s, top, total):  # pragma: no cover - compiled
-    """``s[t, margin + p]``: the softmax weights of a block (zero outside ``p < length`` and in
-    the junk columns)."""
+                       consts, s, top, total, normalise):  # pragma: no cover - compiled
+    """``s[t, margin + p]``: the softmax weights of a block (``normalise``: zero outside ``p <
+    length`` and in the junk columns), or their numerators, with ``total`` one over their sums
+    (:func:`_exponentials`)."""
     s[:] = 0
     if stride == 1:
         _correlate(s, qb, kb, margin, size, dilation, wp, length)
@@ -353,6 +550,9 @@ def _attention_weights(qb, kb, margin, rows, width, wo, wp, size, dilation, stri
             for t in range(size * size):
                 _gather_products(s[t, margin:], qb[c, margin:], kb[c],
                                  _tap(size, dilation, wp, t), rows, width, wo, wp, stride)
+    if not normalise:
+        _exponentials(s, margin, length, consts, top, total)
+        return
     _softmax(s, margin, length, consts, top, total)
     for t in range(size * size):
         for r in range(rows):  # junk columns: no contribution, even from NaN
@@ -398,7 +598,7 @@ def _backward(grad, qkv, pe, rix, cix, size, dilation, stride, scale, block_rows
                         margin, qb, kb, vb)
             _load_rows(grad, b, h, i0, rows, width, margin, gb)
             _attention_weights(qb, kb, margin, rows, width, wo, wp, size, dilation, stride,
-                               length, consts, ab, top, acc)  # recomputed, not stored
+                               length, consts, ab, top, acc, True)  # recomputed, not stored
             # score gradients: gs = att * (grad . values - sum_t att * grad . values)
             if stride == 1:
                 _correlate(gs, gb, vb, margin, size, dilation, wp, length)
