@@ -41,6 +41,8 @@ from ._backend import as_array, kernel, kernel_threads, numba, prange
 # buffers, so that one pointer and constant offsets address a row of window taps.
 _FORWARD_LENGTH = 320
 _BACKWARD_LENGTH = 384
+_CHUNK_BLOCKS = 4  # forward jobs of up to 4 blocks, while there are 8 jobs for each thread
+_JOBS_PER_THREAD = 8
 # Taylor terms of exp on [-ln 2 / 2, ln 2 / 2]: 8 in float32 (truncation error below 1e-8, a tenth
 # of an ulp), 12 in float64 (below 1e-14).
 _EXP_TERMS = 12
@@ -240,22 +242,21 @@ def _window_sum(dst, weights, plane, margin, size, dilation, wp,
         _dot1(dst, weights[t, margin:], plane[_tap(size, dilation, wp, t):], length)
 
 
-# The forward pass with 7 x 7 windows, stride 1 and dilation 1 (ACmix's default) sweeps a row of seven taps for
-# eight channels at once: every load of a query or of a weight serves seven taps, every store of
-# a score or of an output eight products or more (the sweeps above load and store their
-# destination once per eight products). The score, query and output buffers are flat, their rows
-# ``_PITCH`` apart: a constant of the compiled code, so that one pointer and constant offsets
-# address all seven rows (with a run-time pitch the loops do not vectorise). Key and value rows
-# are slices.
+# The forward pass with 7 x 7 windows, stride 1 and dilation 1 (ACmix's default) sweeps a row
+# of seven taps for eight channels at once: every load of a query or of a weight serves seven
+# taps, every store of a score or of an output eight products or more (the sweeps above load and
+# store their destination once per eight products). The score, query and output buffers are
+# flat, their rows ``_PITCH`` apart: a constant of the compiled code, so that one pointer and
+# constant offsets address all seven rows (with a run-time pitch the loops do not vectorise).
+# Key and value rows are slices; ``o`` is the flat offset of the window row's first tap.
 _PITCH = _FORWARD_LENGTH
 _ROW = 7  # taps of a window row on this path
 
 
 @kernel(parallel=False)
-def _row_scores8(s, q, k, c, u, wp, length, first):  # pragma: no cover - compiled
-    """``s[(7u + r) * _PITCH + p] (+)= sum_i q[(c + i) * _PITCH + p] * k[c + i, u * dilation *
-    wp + r + p]`` for ``i < 8``, ``r < 7`` (``=`` when ``first``)."""
-    o = u * wp
+def _row_scores8(s, q, k, c, u, o, length, first):  # pragma: no cover - compiled
+    """``s[(7u + r) * _PITCH + p] (+)= sum_i q[(c + i) * _PITCH + p] * k[c + i, o + r + p]``
+    for ``i < 8``, ``r < 7`` (``=`` when ``first``): window row ``u``."""
     k0, k1, k2, k3 = k[c, o:], k[c + 1, o:], k[c + 2, o:], k[c + 3, o:]
     k4, k5, k6, k7 = k[c + 4, o:], k[c + 5, o:], k[c + 6, o:], k[c + 7, o:]
     qc, dst = q[c * _PITCH:], s[_ROW * u * _PITCH:]
@@ -288,9 +289,8 @@ def _row_scores8(s, q, k, c, u, wp, length, first):  # pragma: no cover - compil
 
 
 @kernel(parallel=False)
-def _row_scores1(s, q, k, c, u, wp, length, first):  # pragma: no cover - compiled
+def _row_scores1(s, q, k, c, u, o, length, first):  # pragma: no cover - compiled
     """:func:`_row_scores8` for the one channel ``c``."""
-    o = u * wp
     kc, qc, dst = k[c, o:], q[c * _PITCH:], s[_ROW * u * _PITCH:]
     zero = np.float32(0)
     for r in range(_ROW):
@@ -300,10 +300,9 @@ def _row_scores1(s, q, k, c, u, wp, length, first):  # pragma: no cover - compil
 
 
 @kernel(parallel=False)
-def _row_values8(acc, w, v, c, u, wp, length, first):  # pragma: no cover - compiled
-    """``acc[i * _PITCH + p] (+)= sum_r w[(7u + r) * _PITCH + p] * v[c + i, u * wp +
-    r + p]`` for ``i < 8``, ``r < 7`` (``=`` when ``first``)."""
-    o = u * wp
+def _row_values8(acc, w, v, c, u, o, length, first):  # pragma: no cover - compiled
+    """``acc[i * _PITCH + p] (+)= sum_r w[(7u + r) * _PITCH + p] * v[c + i, o + r + p]`` for
+    ``i < 8``, ``r < 7`` (``=`` when ``first``): window row ``u``."""
     v0, v1, v2, v3 = v[c, o:], v[c + 1, o:], v[c + 2, o:], v[c + 3, o:]
     v4, v5, v6, v7 = v[c + 4, o:], v[c + 5, o:], v[c + 6, o:], v[c + 7, o:]
     wu = w[_ROW * u * _PITCH:]
@@ -338,9 +337,9 @@ def _row_values8(acc, w, v, c, u, wp, length, first):  # pragma: no cover - comp
 
 
 @kernel(parallel=False)
-def _row_values1(acc, w, v, c, u, wp, length, first):  # pragma: no cover - compiled
+def _row_values1(acc, w, v, c, u, o, length, first):  # pragma: no cover - compiled
     """:func:`_row_values8` for the one channel ``c`` (into ``acc[:length]``)."""
-    vc, wu = v[c, u * wp:], w[_ROW * u * _PITCH:]
+    vc, wu = v[c, o:], w[_ROW * u * _PITCH:]
     zero = np.float32(0)
     for r in range(_ROW):
         row = wu[r * _PITCH:]
@@ -349,28 +348,43 @@ def _row_values1(acc, w, v, c, u, wp, length, first):  # pragma: no cover - comp
 
 
 @kernel(parallel=False)
-def _forward_rows7(qf, kb, vb, wp, length, consts, s, acc, top, total, rows, width,
-                   out, b, h, i0, rate, add):  # pragma: no cover - compiled
-    """The rest of a forward job on the 7 x 7 path, from the loaded block (``qf``
-    flat, rows ``_PITCH`` apart): scores, exponentials, the weighted sums of the values,
-    normalised as they are stored."""
-    d = kb.shape[0]
+def _forward_rows7(qkv, pe, b, h, i0, chunk, block_rows, scale, rix, cix, consts, out, rate,
+                   add):  # pragma: no cover - compiled
+    """Output rows ``i0 .. i0 + chunk - 1`` of sample ``b``, head ``h`` with 7 x 7 windows at
+    stride 1: the padded ``k - pe`` and ``v`` rows they read are copied once, then each block
+    of ``block_rows`` rows: its queries, scores, exponentials and the weighted sums of the
+    values, normalised as they are stored."""
+    d, wo, wp = qkv.shape[1], out.shape[4], cix.shape[0]
+    kb = np.empty((d, (chunk + _ROW - 1) * wp), dtype=qkv.dtype)
+    vb = np.empty((d, (chunk + _ROW - 1) * wp), dtype=qkv.dtype)
+    qb = np.empty(d * _PITCH, dtype=qkv.dtype)
+    s = np.empty(_ROW * _ROW * _PITCH, dtype=qkv.dtype)
+    acc = np.empty(8 * _PITCH, dtype=qkv.dtype)
+    top = np.empty(_PITCH, dtype=qkv.dtype)
+    total = np.empty(_PITCH, dtype=qkv.dtype)
+    _load_keys(qkv, pe, b, h, i0, chunk + _ROW - 1, (_ROW - 1) // 2, rix, cix, kb, vb)
     full = d - d % 8
-    for u in range(_ROW):
+    for r0 in range(0, chunk, block_rows):
+        rows = min(block_rows, chunk - r0)
+        length = (rows - 1) * wp + wo
+        _load_queries(qkv, b, h, i0 + r0, rows, 1, scale, wp, 0, qb.reshape((d, _PITCH)))
+        for u in range(_ROW):
+            o = (r0 + u) * wp
+            for c in range(0, full, 8):
+                _row_scores8(s, qb, kb, c, u, o, length, c == 0)
+            for c in range(full, d):
+                _row_scores1(s, qb, kb, c, u, o, length, c == 0)
+        _exponentials(s.reshape((_ROW * _ROW, _PITCH)), 0, length, consts, top, total)
         for c in range(0, full, 8):
-            _row_scores8(s, qf, kb, c, u, wp, length, c == 0)
+            for u in range(_ROW):
+                _row_values8(acc, s, vb, c, u, (r0 + u) * wp, length, u == 0)
+            for i in range(8):
+                _store_rows(acc[i * _PITCH:], total, rows, wp, out, b, h, c + i, i0 + r0, rate,
+                            add)
         for c in range(full, d):
-            _row_scores1(s, qf, kb, c, u, wp, length, c == 0)
-    _exponentials(s.reshape((_ROW * _ROW, _PITCH)), 0, length, consts, top, total)
-    for c in range(0, full, 8):
-        for u in range(_ROW):
-            _row_values8(acc, s, vb, c, u, wp, length, u == 0)
-        for i in range(8):
-            _store_rows(acc[i * _PITCH:], total, rows, width, out, b, h, c + i, i0, rate, add)
-    for c in range(full, d):
-        for u in range(_ROW):
-            _row_values1(acc, s, vb, c, u, wp, length, u == 0)
-        _store_rows(acc, total, rows, width, out, b, h, c, i0, rate, add)
+            for u in range(_ROW):
+                _row_values1(acc, s, vb, c, u, (r0 + u) * wp, length, u == 0)
+            _store_rows(acc, total, rows, wp, out, b, h, c, i0 + r0, rate, add)
 
 
 @kernel(parallel=False)
@@ -428,23 +442,34 @@ def _scatter_products(dst, a, b, offset, rows, width, wo, wp, stride):  # pragma
 
 
 @kernel(parallel=False)
-def _load_block(qkv, pe, b, h, i0, rows, used, stride, pad, scale, rix, cix, width, margin,
-                qb, kb, vb):  # pragma: no cover - compiled
-    """Copy a block's scaled ``q`` rows (from ``margin``, row pitch ``width``, the rest zero)
-    and its ``used`` reflection-padded ``k - pe`` and ``v`` rows (pitch ``len(cix)``)."""
+def _load_queries(qkv, b, h, i0, rows, stride, scale, width, margin, qb):  # pragma: no cover
+    """Copy output rows ``i0 .. i0 + rows - 1`` of the scaled ``q`` into ``qb`` (from
+    ``margin``, row pitch ``width``, the rest zero)."""
     w = qkv.shape[5]
     wo = (w - 1) // stride + 1
-    wp = cix.shape[0]
-    inner = min(w, wp - pad)  # padded columns pad .. pad + inner - 1 are columns 0 .. inner - 1
     qb[:] = 0
     for c in range(qkv.shape[1]):
         for r in range(rows):
             src = qkv[b, c, 0, h, (i0 + r) * stride]
             dst = qb[c, margin + r * width:]
-            for j in range(wo):
-                dst[j] = src[j * stride] * scale
+            if stride == 1:
+                for j in range(wo):
+                    dst[j] = src[j] * scale
+            else:
+                for j in range(wo):
+                    dst[j] = src[j * stride] * scale
+
+
+@kernel(parallel=False)
+def _load_keys(qkv, pe, b, h, y0, used, pad, rix, cix, kb, vb):  # pragma: no cover - compiled
+    """Copy the reflection-padded ``k - pe`` and ``v`` rows ``y0 .. y0 + used - 1`` (padded
+    coordinates) into ``kb`` and ``vb`` (pitch ``len(cix)``)."""
+    w = qkv.shape[5]
+    wp = cix.shape[0]
+    inner = min(w, wp - pad)  # padded columns pad .. pad + inner - 1 are columns 0 .. inner - 1
+    for c in range(qkv.shape[1]):
         for r in range(used):
-            row = rix[i0 * stride + r]
+            row = rix[y0 + r]
             ksrc, vsrc, psrc = qkv[b, c, 1, h, row], qkv[b, c, 2, h, row], pe[c, row]
             kdst, vdst = kb[c, r * wp:], vb[c, r * wp:]
             kin, vin = kdst[pad:], vdst[pad:]
@@ -459,6 +484,15 @@ def _load_block(qkv, pe, b, h, i0, rows, used, stride, pad, scale, rix, cix, wid
                 col = cix[j]
                 kdst[j] = ksrc[col] - psrc[col]
                 vdst[j] = vsrc[col]
+
+
+@kernel(parallel=False)
+def _load_block(qkv, pe, b, h, i0, rows, used, stride, pad, scale, rix, cix, width, margin,
+                qb, kb, vb):  # pragma: no cover - compiled
+    """A block's scaled ``q`` rows (:func:`_load_queries`) and its ``used`` padded ``k - pe``
+    and ``v`` rows (:func:`_load_keys`)."""
+    _load_queries(qkv, b, h, i0, rows, stride, scale, width, margin, qb)
+    _load_keys(qkv, pe, b, h, i0 * stride, used, pad, rix, cix, kb, vb)
 
 
 @kernel(parallel=False)
@@ -489,51 +523,49 @@ def _store_rows(src, norm, rows, width, dst, b, h, c, i0, rate, add):  # pragma:
 
 
 @kernel()
-def _forward(qkv, pe, rix, cix, size, dilation, stride, scale, block_rows, consts, out, rate,
-             add):  # pragma: no cover - compiled
+def _forward(qkv, pe, rix, cix, size, dilation, stride, scale, block_rows, chunk, consts, out,
+             rate, add):  # pragma: no cover - compiled
+    """``chunk``: output rows per job on the 7 x 7 path (:func:`_forward_rows7`), a multiple of
+    ``block_rows``."""
     n, d, _, heads, _, _ = qkv.shape
     ho, wo = out.shape[3], out.shape[4]
     wp = cix.shape[0]
     span = (size - 1) * dilation
     width = wp if stride == 1 else wo
+    if stride == 1 and dilation == 1 and size == _ROW and width <= _PITCH:
+        chunks = (ho + chunk - 1) // chunk
+        for job in prange(n * heads * chunks):
+            b, h, i0 = job // (heads * chunks), (job // chunks) % heads, (job % chunks) * chunk
+            _forward_rows7(qkv, pe, b, h, i0, min(chunk, ho - i0), block_rows, scale, rix, cix,
+                           consts, out, rate, add)
+        return
     krows = (block_rows - 1) * stride + span + 1
     blocks = (ho + block_rows - 1) // block_rows
-    # then block_rows * width <= _PITCH
-    rows7 = stride == 1 and dilation == 1 and size == _ROW and width <= _PITCH
     for job in prange(n * heads * blocks):
         b, h, i0 = job // (heads * blocks), (job // blocks) % heads, (job % blocks) * block_rows
         rows = min(block_rows, ho - i0)
         length = (rows - 1) * width + wo
         used = (rows - 1) * stride + span + 1
+        qb = np.empty((d, block_rows * width), dtype=qkv.dtype)
         kb = np.empty((d, krows * wp), dtype=qkv.dtype)
         vb = np.empty((d, krows * wp), dtype=qkv.dtype)
+        s = np.empty((size * size, block_rows * width), dtype=qkv.dtype)
+        acc = np.empty(block_rows * width, dtype=qkv.dtype)
         top = np.empty(block_rows * width, dtype=qkv.dtype)
         total = np.empty(block_rows * width, dtype=qkv.dtype)
-        if rows7:
-            qf = np.empty(d * _PITCH, dtype=qkv.dtype)
-            s = np.empty(_ROW * _ROW * _PITCH, dtype=qkv.dtype)
-            acc = np.empty(8 * _PITCH, dtype=qkv.dtype)
-            _load_block(qkv, pe, b, h, i0, rows, used, stride, span // 2, scale, rix, cix, width,
-                        0, qf.reshape((d, _PITCH)), kb, vb)
-            _forward_rows7(qf, kb, vb, wp, length, consts, s, acc, top, total, rows, width, out,
-                           b, h, i0, rate, add)
-            continue
-        qb = np.empty((d, block_rows * width), dtype=qkv.dtype)
-        s2 = np.empty((size * size, block_rows * width), dtype=qkv.dtype)
-        acc2 = np.empty(block_rows * width, dtype=qkv.dtype)
         _load_block(qkv, pe, b, h, i0, rows, used, stride, span // 2, scale, rix, cix, width, 0,
                     qb, kb, vb)
         _attention_weights(qb, kb, 0, rows, width, wo, wp, size, dilation, stride, length,
-                           consts, s2, top, total, False)
+                           consts, s, top, total, False)
         for c in range(d):
             if stride == 1:
-                _window_sum(acc2, s2, vb[c], 0, size, dilation, wp, length)
+                _window_sum(acc, s, vb[c], 0, size, dilation, wp, length)
             else:
-                acc2[:] = 0
+                acc[:] = 0
                 for t in range(size * size):
-                    _gather_products(acc2, s2[t], vb[c], _tap(size, dilation, wp, t), rows,
+                    _gather_products(acc, s[t], vb[c], _tap(size, dilation, wp, t), rows,
                                      width, wo, wp, stride)
-            _store_rows(acc2, total, rows, width, out, b, h, c, i0, rate, add)
+            _store_rows(acc, total, rows, width, out, b, h, c, i0, rate, add)
 
 
 @kernel(parallel=False)
@@ -730,9 +762,15 @@ def _run_forward(qkv: torch.Tensor, pe: torch.Tensor, size: int, dilation: int, 
     _, _, block_rows, rows, cols = _geometry(qkv, size, dilation, stride, False)
     if out.numel():
         factor = qkv.new_ones(1) if rate is None else rate.detach().reshape(1)
+        # up to _CHUNK_BLOCKS blocks per job on the 7 x 7 path (each job copies the padded key
+        # rows its blocks read once), while there are _JOBS_PER_THREAD jobs for each thread
+        blocks = -(-out.shape[3] // block_rows)
+        per_job = (out.shape[0] * out.shape[1] * blocks) // (_JOBS_PER_THREAD
+                                                              * torch.get_num_threads())
+        chunk = block_rows * max(1, min(_CHUNK_BLOCKS, per_job))
         with kernel_threads(chunk=1):  # jobs handed out one at a time: a busy core holds up none
             _forward(as_array(qkv), as_array(pe), rows.numpy(), cols.numpy(), size, dilation,
-                     stride, _scalar(scale, qkv), block_rows, _exp_constants(qkv.dtype),
+                     stride, _scalar(scale, qkv), block_rows, chunk, _exp_constants(qkv.dtype),
                      as_array(out), as_array(factor), rate is not None)
 
 
