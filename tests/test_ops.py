@@ -8,6 +8,7 @@ determinism, channels_last / non-contiguous / empty / 1x1 inputs, and non-finite
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -613,6 +614,107 @@ def test_window_attention_op_matches_a_float64_reference(d, h, w, size, dilation
         fast = _grads(lambda a, b: ops.window_attention(a, b, size, dilation, stride, 0.3), cast,
                       grad64.to(dtype))
         _assert_same([t.double() for t in fast], expected, **tol)
+
+
+@needs_numba
+@pytest.mark.parametrize(("dtype", "ulps"), [(torch.float32, 1.0), (torch.float64, 64.0)])
+def test_window_attention_exponential_is_accurate_and_keeps_non_finite(dtype, ulps) -> None:
+    """The kernels' exponential (8 Taylor terms in float32, 12 in float64) against exp in
+    float64 over the whole argument range of the softmax, ``[-125 ln 2, 0]``: within one ulp of
+    the exact value in float32 (64 in float64); 0 below that range and for ``-inf``, NaN for
+    NaN."""
+    import numba
+    import numpy as np
+
+    from blockzoo.ops.acmix import _exp, _exp_constants, _exp_terms
+
+    @numba.njit
+    def exps(x, consts, out):
+        terms = _exp_terms(consts)
+        for i in range(x.shape[0]):
+            out[i] = _exp(x[i], terms)
+
+    lowest = -125 * math.log(2)
+    grid = torch.cat([-torch.logspace(-9, math.log10(-lowest), 100001, dtype=torch.float64),
+                      torch.linspace(lowest, 0, 100001, dtype=torch.float64)]).to(dtype)
+    grid = grid[grid >= lowest]
+    got = torch.empty_like(grid)
+    exps(grid.numpy(), _exp_constants(dtype), got.numpy())
+    exact = grid.double().exp()
+    ulp = torch.from_numpy(np.spacing(exact.to(dtype).numpy())).double()
+    assert ((got.double() - exact).abs() / ulp).max() <= ulps
+    special = torch.tensor([0.0, -0.0, lowest * 1.001, -1e4, -math.inf, math.nan], dtype=dtype)
+    got = torch.empty_like(special)
+    exps(special.numpy(), _exp_constants(dtype), got.numpy())
+    torch.testing.assert_close(got, torch.tensor([1.0, 1, 0, 0, 0, math.nan], dtype=dtype),
+                               rtol=0, atol=0, equal_nan=True)
+
+
+@needs_numba
+@pytest.mark.parametrize(("d", "h", "w"), [(16, 45, 30), (12, 9, 8), (3, 20, 11), (9, 2, 3)])
+def test_window_attention_rows_of_seven_equal_the_general_sweeps(d, h, w, monkeypatch) -> None:
+    """The forward pass's 7 x 7 path (rows of seven taps, eight channels at a time and one by
+    one for the rest; several blocks per job) against the general sweeps, in float32 (1e-5)
+    and float64 (1e-12), written out and added in place; bitwise the same for any number of
+    blocks per job and threads, so for any thread count."""
+    from blockzoo.ops import acmix as acmix_ops
+
+    def forward(qkv, pe, rows_of_seven, rate=None):
+        out = torch.zeros(qkv.shape[0], qkv.shape[3], d, h, w, dtype=qkv.dtype)
+        acmix_ops._run_forward(qkv, pe, 7, 1, 1, 0.3, out, rate, rows_of_seven)
+        return out
+
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-12)):
+        qkv = torch.randn(3, d, 3, 2, h, w, dtype=dtype)
+        pe = torch.randn(d, h, w, dtype=dtype)
+        rate = torch.full((1,), 0.7, dtype=dtype)
+        expected = forward(qkv, pe, False)
+        got = forward(qkv, pe, True)
+        torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+        torch.testing.assert_close(forward(qkv, pe, True, rate), 0.7 * expected, rtol=tol,
+                                   atol=tol)
+        torch.testing.assert_close(ops.window_attention(qkv, pe, 7, 1, 1, 0.3), got, rtol=0,
+                                   atol=0)
+        runs, previous = [], torch.get_num_threads()
+        try:
+            for blocks, jobs, threads in ((1, 8, 1), (4, 1, 1), (4, 1, 2), (2, 1, 2)):
+                monkeypatch.setattr(acmix_ops, "_CHUNK_BLOCKS", blocks)
+                monkeypatch.setattr(acmix_ops, "_JOBS_PER_THREAD", jobs)
+                torch.set_num_threads(threads)
+                runs.append(forward(qkv, pe, True))
+        finally:
+            torch.set_num_threads(previous)
+        for run in runs:
+            torch.testing.assert_close(run, got, rtol=0, atol=0)
+
+
+@needs_numba
+def test_window_attention_on_maps_wider_than_a_block_row() -> None:
+    """A map wider than the forward pass's rows of ``_PITCH`` values takes the general sweeps:
+    the same result as the reference."""
+    from blockzoo.ops.acmix import _PITCH
+
+    qkv = torch.randn(1, 2, 3, 1, 3, _PITCH, dtype=torch.float64)
+    pe = torch.randn(2, 3, _PITCH, dtype=torch.float64)
+    torch.testing.assert_close(ops.window_attention(qkv, pe, 7, 1, 1, 0.3),
+                               _heads_reference(qkv, pe, 7, 1, 1, 0.3), rtol=1e-10, atol=1e-10)
+
+
+@needs_numba
+def test_window_attention_non_finite_inputs_spread_as_in_the_softmax() -> None:
+    """NaN and infinite scores or values give NaN exactly where the reference (torch's softmax)
+    does, in float32 on the 7 x 7 path and on the general sweeps (5 x 5)."""
+    for size in (7, 5):
+        qkv = torch.randn(2, 8, 3, 2, 12, 10)
+        qkv[0, 1, 0, 0, 3, 4] = math.nan  # one query: its output pixel
+        qkv[0, 2, 1, 1, 6, 6] = math.inf  # one key: the windows that hold it
+        qkv[1, 3, 2, 0, 5, 2] = -math.inf  # one value
+        qkv[1, 0, 0, 1, 8, 8] = 1e30  # a score of +-inf from a finite query
+        pe = torch.randn(8, 12, 10)
+        got = ops.window_attention(qkv, pe, size, 1, 1, 0.3)
+        expected = _heads_reference(qkv.double(), pe.double(), size, 1, 1, 0.3).float()
+        assert got.isnan().any() and got.isfinite().any()
+        torch.testing.assert_close(got, expected, equal_nan=True, **TOL)
 
 
 @needs_numba

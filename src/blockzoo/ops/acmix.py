@@ -525,14 +525,14 @@ def _store_rows(src, norm, rows, width, dst, b, h, c, i0, rate, add):  # pragma:
 @kernel()
 def _forward(qkv, pe, rix, cix, size, dilation, stride, scale, block_rows, chunk, consts, out,
              rate, add):  # pragma: no cover - compiled
-    """``chunk``: output rows per job on the 7 x 7 path (:func:`_forward_rows7`), a multiple of
-    ``block_rows``."""
+    """``chunk > 0``: the 7 x 7 path (:func:`_forward_rows7`) with ``chunk`` output rows per job
+    (a multiple of ``block_rows``, or all rows); else the general sweeps."""
     n, d, _, heads, _, _ = qkv.shape
     ho, wo = out.shape[3], out.shape[4]
     wp = cix.shape[0]
     span = (size - 1) * dilation
     width = wp if stride == 1 else wo
-    if stride == 1 and dilation == 1 and size == _ROW and width <= _PITCH:
+    if chunk > 0:
         chunks = (ho + chunk - 1) // chunk
         for job in prange(n * heads * chunks):
             b, h, i0 = job // (heads * chunks), (job // chunks) % heads, (job % chunks) * chunk
@@ -756,18 +756,25 @@ def window_attention(
 
 
 def _run_forward(qkv: torch.Tensor, pe: torch.Tensor, size: int, dilation: int, stride: int,
-                 scale: float, out: torch.Tensor, rate: torch.Tensor | None) -> None:
-    """Write the attention into ``out`` (``rate is None``) or add ``rate * attention`` to it."""
+                 scale: float, out: torch.Tensor, rate: torch.Tensor | None,
+                 rows_of_seven: bool = True) -> None:
+    """Write the attention into ``out`` (``rate is None``) or add ``rate * attention`` to it.
+
+    7 x 7 windows at stride 1 and dilation 1 on maps up to ``_PITCH - 6`` wide take the
+    7 x 7 path unless ``rows_of_seven`` is false (for comparisons); the rest the general sweeps.
+    """
     qkv, pe = qkv.contiguous(), pe.contiguous()
     _, _, block_rows, rows, cols = _geometry(qkv, size, dilation, stride, False)
     if out.numel():
         factor = qkv.new_ones(1) if rate is None else rate.detach().reshape(1)
-        # up to _CHUNK_BLOCKS blocks per job on the 7 x 7 path (each job copies the padded key
-        # rows its blocks read once), while there are _JOBS_PER_THREAD jobs for each thread
-        blocks = -(-out.shape[3] // block_rows)
-        per_job = (out.shape[0] * out.shape[1] * blocks) // (_JOBS_PER_THREAD
-                                                              * torch.get_num_threads())
-        chunk = block_rows * max(1, min(_CHUNK_BLOCKS, per_job))
+        chunk = 0
+        if rows_of_seven and (size, dilation, stride) == (_ROW, 1, 1) and len(cols) <= _PITCH:
+            # up to _CHUNK_BLOCKS blocks per job (each job copies the padded key rows its blocks
+            # read once), while there are _JOBS_PER_THREAD jobs for each thread
+            blocks = -(-out.shape[3] // block_rows)
+            per_job = (out.shape[0] * out.shape[1] * blocks) // (_JOBS_PER_THREAD
+                                                                  * torch.get_num_threads())
+            chunk = min(block_rows * max(1, min(_CHUNK_BLOCKS, per_job)), out.shape[3])
         with kernel_threads(chunk=1):  # jobs handed out one at a time: a busy core holds up none
             _forward(as_array(qkv), as_array(pe), rows.numpy(), cols.numpy(), size, dilation,
                      stride, _scalar(scale, qkv), block_rows, chunk, _exp_constants(qkv.dtype),
