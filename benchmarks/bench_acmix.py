@@ -16,6 +16,13 @@ attention, measured in the same run, for the attention alone (``local_window_att
 (projections, position encoding and conv path shared by both). Default case: batch 8, 64 -> 64
 channels, 56 x 56, kernel_att 7, 4 heads (head_dim 16), stride 1 and 2.
 
+``--op``: the forward attention operator alone (``window_attention`` on the fused ``qkv``
+layout, kernel 7, stride 1, 4 heads) on its 7 x 7 path and on the general sweeps (which other
+window sizes, strides and dilations take), as ratios to a 3x3 conv C -> C on the same map (no BN, no
+autograd), 1 and 2 threads:
+
+    python benchmarks/bench_acmix.py --op
+
 Peak memory: the running sum of the CPU allocations and frees that ``torch.profiler``
 (``profile_memory=True``) records during one forward + backward (``peak_bytes`` in
 ``_common.py``, shared by the benchmarks); inputs and parameters, allocated before, are not
@@ -96,8 +103,56 @@ def block_steps(n: int, c: int, size: int, k: int, head: int, stride: int) -> di
     return {name: make(fn) for name, fn in IMPLS.items()}
 
 
+def operator_steps(n: int, d: int, size: int) -> dict[str, Step]:
+    """The forward operator on its 7 x 7 path, on the general sweeps, and a 3x3 conv."""
+    from blockzoo.ops.acmix import _run_forward
+
+    torch.manual_seed(0)
+    qkv = torch.randn(n, d, 3, 4, size, size)
+    pe = torch.randn(d, size, size)
+    x = torch.randn(n, 4 * d, size, size)
+    conv = torch.nn.Conv2d(4 * d, 4 * d, 3, padding=1, bias=False)
+
+    def attention(rows_of_seven: bool) -> Step:
+        def step() -> None:
+            out = qkv.new_empty(n, 4, d, size, size)
+            _run_forward(qkv, pe, 7, 1, 1, d**-0.5, out, None, rows_of_seven)
+
+        return step
+
+    def conv_step() -> None:
+        with torch.no_grad():
+            conv(x)
+
+    return {"rows": attention(True), "general": attention(False), "conv": conv_step}
+
+
+def op_table(threads: tuple[int, ...], rounds: int, quick: bool) -> None:
+    """The forward operator's 7 x 7 path and general sweeps against a 3x3 conv (``--op``)."""
+    print(f"torch {torch.__version__}, {cpu_model()}; forward window_attention, kernel 7, "
+          f"stride 1, 4 heads, median of {rounds} interleaved rounds\n")
+    print("| qkv (B, D, 3, heads, H, W) | threads | conv3x3 ms | rows of 7 ms | general ms "
+          "| rows of 7 / conv | general / conv | rows of 7 / general |")
+    print("|---|---|---|---|---|---|---|---|")
+    for n, d, size in [(1, 16, 12)] if quick else [(8, 16, 56), (32, 64, 14)]:
+        steps = operator_steps(n, d, size)
+        for count in threads:
+            torch.set_num_threads(count)
+            t = time_interleaved(steps, rounds, target_s=0.05)
+            print(f"| ({n}, {d}, 3, 4, {size}, {size}) | {count} | {t['conv'] * 1e3:.1f} "
+                  f"| {t['rows'] * 1e3:.1f} | {t['general'] * 1e3:.1f} "
+                  f"| {t['rows'] / t['conv']:.2f} | {t['general'] / t['conv']:.2f} "
+                  f"| {t['rows'] / t['general']:.2f} |")
+    print()
+
+
 def main() -> None:
-    args = parser(__doc__.split("\n")[0], versus_unfold=True).parse_args()
+    cli = parser(__doc__.split("\n")[0], versus_unfold=True)
+    cli.add_argument("--op", action="store_true", help="the forward attention operator alone")
+    args = cli.parse_args()
+    if args.op:
+        op_table(thread_counts(args), 1 if args.quick else max(args.rounds, 7), args.quick)
+        return
     if args.versus_unfold:
         versus_unfold(args.quick, thread_counts(args)[0], args.rounds)
         return
