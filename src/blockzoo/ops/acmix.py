@@ -254,13 +254,12 @@ _ROW = 7  # taps of a window row on this path
 
 
 @kernel(parallel=False)
-def _row_scores8(s, q, k, c, u, o, length, first):  # pragma: no cover - compiled
-    """``s[(7u + r) * _PITCH + p] (+)= sum_i q[(c + i) * _PITCH + p] * k[c + i, o + r + p]``
-    for ``i < 8``, ``r < 7`` (``=`` when ``first``): window row ``u``."""
+def _row_scores8(s, q, k, c, u, o, length):  # pragma: no cover - compiled
+    """``s[(7u + r) * _PITCH + p] += sum_i q[(c + i) * _PITCH + p] * k[c + i, o + r + p]`` for
+    ``i < 8``, ``r < 7``: window row ``u``."""
     k0, k1, k2, k3 = k[c, o:], k[c + 1, o:], k[c + 2, o:], k[c + 3, o:]
     k4, k5, k6, k7 = k[c + 4, o:], k[c + 5, o:], k[c + 6, o:], k[c + 7, o:]
     qc, dst = q[c * _PITCH:], s[_ROW * u * _PITCH:]
-    zero = np.float32(0)  # float32 + float64 is float64: zero in either dtype
     for p in range(length):
         q0, q1, q2, q3 = qc[p], qc[_PITCH + p], qc[2 * _PITCH + p], qc[3 * _PITCH + p]
         q4, q5 = qc[4 * _PITCH + p], qc[5 * _PITCH + p]
@@ -279,72 +278,68 @@ def _row_scores8(s, q, k, c, u, o, length, first):  # pragma: no cover - compile
               + q4 * k4[p + 5] + q5 * k5[p + 5] + q6 * k6[p + 5] + q7 * k7[p + 5])
         a6 = (q0 * k0[p + 6] + q1 * k1[p + 6] + q2 * k2[p + 6] + q3 * k3[p + 6]
               + q4 * k4[p + 6] + q5 * k5[p + 6] + q6 * k6[p + 6] + q7 * k7[p + 6])
-        dst[p] = (zero if first else dst[p]) + a0
-        dst[_PITCH + p] = (zero if first else dst[_PITCH + p]) + a1
-        dst[2 * _PITCH + p] = (zero if first else dst[2 * _PITCH + p]) + a2
-        dst[3 * _PITCH + p] = (zero if first else dst[3 * _PITCH + p]) + a3
-        dst[4 * _PITCH + p] = (zero if first else dst[4 * _PITCH + p]) + a4
-        dst[5 * _PITCH + p] = (zero if first else dst[5 * _PITCH + p]) + a5
-        dst[6 * _PITCH + p] = (zero if first else dst[6 * _PITCH + p]) + a6
+        dst[p] += a0
+        dst[_PITCH + p] += a1
+        dst[2 * _PITCH + p] += a2
+        dst[3 * _PITCH + p] += a3
+        dst[4 * _PITCH + p] += a4
+        dst[5 * _PITCH + p] += a5
+        dst[6 * _PITCH + p] += a6
 
 
 @kernel(parallel=False)
-def _row_scores1(s, q, k, c, u, o, length, first):  # pragma: no cover - compiled
+def _row_scores1(s, q, k, c, u, o, length):  # pragma: no cover - compiled
     """:func:`_row_scores8` for the one channel ``c``."""
     kc, qc, dst = k[c, o:], q[c * _PITCH:], s[_ROW * u * _PITCH:]
-    zero = np.float32(0)
     for r in range(_ROW):
         row = dst[r * _PITCH:]
         for p in range(length):
-            row[p] = (zero if first else row[p]) + qc[p] * kc[p + r]
+            row[p] += qc[p] * kc[p + r]
 
 
 @kernel(parallel=False)
-def _row_values8(acc, w, v, c, u, o, length, first):  # pragma: no cover - compiled
-    """``acc[i * _PITCH + p] (+)= sum_r w[(7u + r) * _PITCH + p] * v[c + i, o + r + p]`` for
-    ``i < 8``, ``r < 7`` (``=`` when ``first``): window row ``u``."""
+def _row_values8(acc, w, v, c, u, o, length):  # pragma: no cover - compiled
+    """``acc[i * _PITCH + p] += sum_r w[(7u + r) * _PITCH + p] * v[c + i, o + r + p]`` for
+    ``i < 8``, ``r < 7``: window row ``u``."""
     v0, v1, v2, v3 = v[c, o:], v[c + 1, o:], v[c + 2, o:], v[c + 3, o:]
     v4, v5, v6, v7 = v[c + 4, o:], v[c + 5, o:], v[c + 6, o:], v[c + 7, o:]
     wu = w[_ROW * u * _PITCH:]
-    zero = np.float32(0)
     for p in range(length):
         w0, w1, w2, w3 = wu[p], wu[_PITCH + p], wu[2 * _PITCH + p], wu[3 * _PITCH + p]
         w4, w5, w6 = wu[4 * _PITCH + p], wu[5 * _PITCH + p], wu[6 * _PITCH + p]
-        acc[p] = ((zero if first else acc[p]) + w0 * v0[p]
-               + w1 * v0[p + 1] + w2 * v0[p + 2] + w3 * v0[p + 3] + w4 * v0[p + 4]
-               + w5 * v0[p + 5] + w6 * v0[p + 6])
-        acc[1 * _PITCH + p] = ((zero if first else acc[1 * _PITCH + p]) + w0 * v1[p]
-               + w1 * v1[p + 1] + w2 * v1[p + 2] + w3 * v1[p + 3] + w4 * v1[p + 4]
-               + w5 * v1[p + 5] + w6 * v1[p + 6])
-        acc[2 * _PITCH + p] = ((zero if first else acc[2 * _PITCH + p]) + w0 * v2[p]
-               + w1 * v2[p + 1] + w2 * v2[p + 2] + w3 * v2[p + 3] + w4 * v2[p + 4]
-               + w5 * v2[p + 5] + w6 * v2[p + 6])
-        acc[3 * _PITCH + p] = ((zero if first else acc[3 * _PITCH + p]) + w0 * v3[p]
-               + w1 * v3[p + 1] + w2 * v3[p + 2] + w3 * v3[p + 3] + w4 * v3[p + 4]
-               + w5 * v3[p + 5] + w6 * v3[p + 6])
-        acc[4 * _PITCH + p] = ((zero if first else acc[4 * _PITCH + p]) + w0 * v4[p]
-               + w1 * v4[p + 1] + w2 * v4[p + 2] + w3 * v4[p + 3] + w4 * v4[p + 4]
-               + w5 * v4[p + 5] + w6 * v4[p + 6])
-        acc[5 * _PITCH + p] = ((zero if first else acc[5 * _PITCH + p]) + w0 * v5[p]
-               + w1 * v5[p + 1] + w2 * v5[p + 2] + w3 * v5[p + 3] + w4 * v5[p + 4]
-               + w5 * v5[p + 5] + w6 * v5[p + 6])
-        acc[6 * _PITCH + p] = ((zero if first else acc[6 * _PITCH + p]) + w0 * v6[p]
-               + w1 * v6[p + 1] + w2 * v6[p + 2] + w3 * v6[p + 3] + w4 * v6[p + 4]
-               + w5 * v6[p + 5] + w6 * v6[p + 6])
-        acc[7 * _PITCH + p] = ((zero if first else acc[7 * _PITCH + p]) + w0 * v7[p]
-               + w1 * v7[p + 1] + w2 * v7[p + 2] + w3 * v7[p + 3] + w4 * v7[p + 4]
-               + w5 * v7[p + 5] + w6 * v7[p + 6])
+        acc[p] = (acc[p] + w0 * v0[p] + w1 * v0[p + 1] + w2 * v0[p + 2]
+                  + w3 * v0[p + 3] + w4 * v0[p + 4] + w5 * v0[p + 5] + w6 * v0[p + 6])
+        acc[1 * _PITCH + p] = (acc[1 * _PITCH + p] + w0 * v1[p] + w1 * v1[p + 1]
+                               + w2 * v1[p + 2] + w3 * v1[p + 3] + w4 * v1[p + 4] + w5 * v1[p + 5]
+                               + w6 * v1[p + 6])
+        acc[2 * _PITCH + p] = (acc[2 * _PITCH + p] + w0 * v2[p] + w1 * v2[p + 1]
+                               + w2 * v2[p + 2] + w3 * v2[p + 3] + w4 * v2[p + 4] + w5 * v2[p + 5]
+                               + w6 * v2[p + 6])
+        acc[3 * _PITCH + p] = (acc[3 * _PITCH + p] + w0 * v3[p] + w1 * v3[p + 1]
+                               + w2 * v3[p + 2] + w3 * v3[p + 3] + w4 * v3[p + 4] + w5 * v3[p + 5]
+                               + w6 * v3[p + 6])
+        acc[4 * _PITCH + p] = (acc[4 * _PITCH + p] + w0 * v4[p] + w1 * v4[p + 1]
+                               + w2 * v4[p + 2] + w3 * v4[p + 3] + w4 * v4[p + 4] + w5 * v4[p + 5]
+                               + w6 * v4[p + 6])
+        acc[5 * _PITCH + p] = (acc[5 * _PITCH + p] + w0 * v5[p] + w1 * v5[p + 1]
+                               + w2 * v5[p + 2] + w3 * v5[p + 3] + w4 * v5[p + 4] + w5 * v5[p + 5]
+                               + w6 * v5[p + 6])
+        acc[6 * _PITCH + p] = (acc[6 * _PITCH + p] + w0 * v6[p] + w1 * v6[p + 1]
+                               + w2 * v6[p + 2] + w3 * v6[p + 3] + w4 * v6[p + 4] + w5 * v6[p + 5]
+                               + w6 * v6[p + 6])
+        acc[7 * _PITCH + p] = (acc[7 * _PITCH + p] + w0 * v7[p] + w1 * v7[p + 1]
+                               + w2 * v7[p + 2] + w3 * v7[p + 3] + w4 * v7[p + 4] + w5 * v7[p + 5]
+                               + w6 * v7[p + 6])
 
 
 @kernel(parallel=False)
-def _row_values1(acc, w, v, c, u, o, length, first):  # pragma: no cover - compiled
+def _row_values1(acc, w, v, c, u, o, length):  # pragma: no cover - compiled
     """:func:`_row_values8` for the one channel ``c`` (into ``acc[:length]``)."""
     vc, wu = v[c, o:], w[_ROW * u * _PITCH:]
-    zero = np.float32(0)
     for r in range(_ROW):
         row = wu[r * _PITCH:]
         for p in range(length):
-            acc[p] = (zero if first and r == 0 else acc[p]) + row[p] * vc[p + r]
+            acc[p] += row[p] * vc[p + r]
 
 
 @kernel(parallel=False)
@@ -368,22 +363,25 @@ def _forward_rows7(qkv, pe, b, h, i0, chunk, block_rows, scale, rix, cix, consts
         rows = min(block_rows, chunk - r0)
         length = (rows - 1) * wp + wo
         _load_queries(qkv, b, h, i0 + r0, rows, 1, scale, wp, 0, qb.reshape((d, _PITCH)))
+        s[:] = 0
         for u in range(_ROW):
             o = (r0 + u) * wp
             for c in range(0, full, 8):
-                _row_scores8(s, qb, kb, c, u, o, length, c == 0)
+                _row_scores8(s, qb, kb, c, u, o, length)
             for c in range(full, d):
-                _row_scores1(s, qb, kb, c, u, o, length, c == 0)
+                _row_scores1(s, qb, kb, c, u, o, length)
         _exponentials(s.reshape((_ROW * _ROW, _PITCH)), 0, length, consts, top, total)
         for c in range(0, full, 8):
+            acc[:] = 0
             for u in range(_ROW):
-                _row_values8(acc, s, vb, c, u, (r0 + u) * wp, length, u == 0)
+                _row_values8(acc, s, vb, c, u, (r0 + u) * wp, length)
             for i in range(8):
                 _store_rows(acc[i * _PITCH:], total, rows, wp, out, b, h, c + i, i0 + r0, rate,
                             add)
         for c in range(full, d):
+            acc[:length] = 0
             for u in range(_ROW):
-                _row_values1(acc, s, vb, c, u, (r0 + u) * wp, length, u == 0)
+                _row_values1(acc, s, vb, c, u, (r0 + u) * wp, length)
             _store_rows(acc, total, rows, wp, out, b, h, c, i0 + r0, rate, add)
 
 
@@ -523,22 +521,27 @@ def _store_rows(src, norm, rows, width, dst, b, h, c, i0, rate, add):  # pragma:
 
 
 @kernel()
-def _forward(qkv, pe, rix, cix, size, dilation, stride, scale, block_rows, chunk, consts, out,
-             rate, add):  # pragma: no cover - compiled
-    """``chunk > 0``: the 7 x 7 path (:func:`_forward_rows7`) with ``chunk`` output rows per job
-    (a multiple of ``block_rows``, or all rows); else the general sweeps."""
+def _forward_rows(qkv, pe, rix, cix, block_rows, chunk, scale, consts, out, rate,
+                  add):  # pragma: no cover - compiled
+    """The 7 x 7 path: jobs of ``chunk`` output rows (a multiple of ``block_rows``, or all
+    rows), :func:`_forward_rows7`. A kernel of its own: compiled only where it runs."""
+    n, heads, ho = qkv.shape[0], qkv.shape[3], out.shape[3]
+    chunks = (ho + chunk - 1) // chunk
+    for job in prange(n * heads * chunks):
+        b, h, i0 = job // (heads * chunks), (job // chunks) % heads, (job % chunks) * chunk
+        _forward_rows7(qkv, pe, b, h, i0, min(chunk, ho - i0), block_rows, scale, rix, cix,
+                       consts, out, rate, add)
+
+
+@kernel()
+def _forward(qkv, pe, rix, cix, size, dilation, stride, scale, block_rows, consts, out, rate,
+             add):  # pragma: no cover - compiled
+    """The general sweeps: any window, stride and dilation."""
     n, d, _, heads, _, _ = qkv.shape
     ho, wo = out.shape[3], out.shape[4]
     wp = cix.shape[0]
     span = (size - 1) * dilation
     width = wp if stride == 1 else wo
-    if chunk > 0:
-        chunks = (ho + chunk - 1) // chunk
-        for job in prange(n * heads * chunks):
-            b, h, i0 = job // (heads * chunks), (job // chunks) % heads, (job % chunks) * chunk
-            _forward_rows7(qkv, pe, b, h, i0, min(chunk, ho - i0), block_rows, scale, rix, cix,
-                           consts, out, rate, add)
-        return
     krows = (block_rows - 1) * stride + span + 1
     blocks = (ho + block_rows - 1) // block_rows
     for job in prange(n * heads * blocks):
@@ -775,10 +778,16 @@ def _run_forward(qkv: torch.Tensor, pe: torch.Tensor, size: int, dilation: int, 
             per_job = (out.shape[0] * out.shape[1] * blocks) // (_JOBS_PER_THREAD
                                                                   * torch.get_num_threads())
             chunk = min(block_rows * max(1, min(_CHUNK_BLOCKS, per_job)), out.shape[3])
+        arrays = (as_array(qkv), as_array(pe), rows.numpy(), cols.numpy())
         with kernel_threads(chunk=1):  # jobs handed out one at a time: a busy core holds up none
-            _forward(as_array(qkv), as_array(pe), rows.numpy(), cols.numpy(), size, dilation,
-                     stride, _scalar(scale, qkv), block_rows, chunk, _exp_constants(qkv.dtype),
-                     as_array(out), as_array(factor), rate is not None)
+            if chunk:
+                _forward_rows(*arrays, block_rows, chunk, _scalar(scale, qkv),
+                              _exp_constants(qkv.dtype), as_array(out), as_array(factor),
+                              rate is not None)
+            else:
+                _forward(*arrays, size, dilation, stride, _scalar(scale, qkv), block_rows,
+                         _exp_constants(qkv.dtype), as_array(out), as_array(factor),
+                         rate is not None)
 
 
 @window_attention.register_fake
