@@ -25,6 +25,14 @@ rows (a block is at least as tall as the padding on both sides), so the two pari
 the other: every element is written in a fixed order and the result is deterministic. The
 attention weights are recomputed there rather than stored; nothing of size ``B * D * T * Ho * Wo``
 is ever held.
+
+The forward pass normalises late: a block's exponentials stay unnormalised and each weighted sum
+is multiplied by one over their sum as it is stored. ACmix's default window (7 x 7, stride 1,
+dilation 1) has a forward path of its own (:func:`_forward_rows`): a job copies the padded key
+and value rows of up to ``_CHUNK_BLOCKS`` blocks once, and the scores and weighted sums run a
+window row of seven taps for eight channels at a time (see the comment above
+:func:`_row_scores8`); other geometries take the general sweeps. Both give the same results up
+to rounding, each bitwise the same for any thread count.
 """
 
 from __future__ import annotations
