@@ -590,6 +590,8 @@ GROUPED_CASES = [  # (N, groups, channels in, out per group, H, W, K)
     (3, 5, 2, 3, 4, 4, 1),
     (0, 2, 3, 2, 5, 4, 3),  # empty batch
     (1, 2, 3, 4, 40, 70, 3),  # several blocks of rows
+    (5, 2, 3, 4, 20, 20, 3),  # whole planes of several samples per job, and a remainder
+    (2, 1, 2, 2, 45, 50, 5),
 ]
 
 

@@ -30,7 +30,7 @@ from ._backend import as_array, kernel, kernel_threads, prange, use_fast_path
 
 # Values per flat loop (rows per job times the pitch): the accumulators of a job's output
 # channels and one packed input channel stay in the core's caches.
-_SPAN = 1024
+_SPAN = 2048
 
 
 @kernel(parallel=False)
@@ -138,29 +138,33 @@ def _copy_rows(src, first, last, dst, start, pitch, width):  # pragma: no cover 
 
 
 @kernel()
-def _forward_flat(x, weight, rows, out):  # pragma: no cover - compiled
-    """``x (N, G * Cg, H, W)``, ``weight (G * Og, Cg, K, K)``, ``out (N, G * Og, H, W)``."""
+def _forward_flat(x, weight, rows, samples, out):  # pragma: no cover - compiled
+    """``x (N, G * Cg, H, W)``, ``weight (G * Og, Cg, K, K)``, ``out (N, G * Og, H, W)``; a job
+    takes ``rows`` rows of one sample, or (``rows = H``) whole planes of ``samples`` samples."""
     n, c, h, width = x.shape
     cout, cg, k = weight.shape[0], weight.shape[1], weight.shape[2]
     groups = c // cg
     og, pad = cout // groups, (k - 1) // 2
-    pitch, blocks = width + pad, -(-h // rows)
+    pitch, blocks, stacks = width + pad, -(-h // rows), -(-n // samples)
     quads = og - og % 4 if k == 3 else 0  # output channels taken four, then two at a time
     pairs = quads + (og - quads) // 2 * 2 if k == 3 else 0
-    for job in prange(n * groups * blocks):
-        b, g, block = job // (groups * blocks), (job // blocks) % groups, job % blocks
-        i0 = block * rows
-        count = min(rows, h - i0)
-        span = count * pitch - pad  # up to the last output of the block
-        # input rows i0 - pad .. i0 + count + pad - 1, row r at pad + (r - i0 + pad) * pitch:
-        # the zeros around the copied rows (padding) are never overwritten
+    for job in prange(stacks * groups * blocks):
+        stack, g, block = job // (groups * blocks), (job // blocks) % groups, job % blocks
+        b0, i0 = stack * samples, block * rows
+        nb, count = min(samples, n - b0), min(rows, h - i0)
+        # input rows i0 - pad .. i0 + count + pad - 1 of sample b0 + s, row r at
+        # pad + (s * step + r - i0 + pad) * pitch: samples one above the other, ``pad`` rows
+        # of zeros between them (whole planes), which are never overwritten
+        step = count + pad
+        span = (nb * step - pad) * pitch - pad  # up to the last output of the job
         first, last = max(0, i0 - pad), min(h, i0 + count + pad)
-        xf = np.zeros((rows + 2 * pad) * pitch + pad, x.dtype)
-        acc = np.zeros((og, rows * pitch), x.dtype)
+        xf = np.zeros((samples * (rows + pad) + pad) * pitch + pad, x.dtype)
+        acc = np.zeros((og, samples * (rows + pad) * pitch), x.dtype)
         w = weight[g * og:(g + 1) * og]
         for cc in range(cg):
-            _copy_rows(x[b, g * cg + cc], first, last, xf, pad + (first - i0 + pad) * pitch,
-                       pitch, width)
+            for s in range(nb):
+                _copy_rows(x[b0 + s, g * cg + cc], first, last, xf,
+                           pad + (s * step + first - i0 + pad) * pitch, pitch, width)
             for o in range(0, quads, 4):
                 for u in range(3):
                     _add_row_four(acc[o], acc[o + 1], acc[o + 2], acc[o + 3], w[o, cc, u],
@@ -175,18 +179,22 @@ def _forward_flat(x, weight, rows, out):  # pragma: no cover - compiled
                 for u in range(k):
                     for v in range(k):
                         _add_tap(acc[o], w[o, cc, u, v], xf[u * pitch + v:], span)
-        for o in range(og):
-            plane = out[b, g * og + o]
-            for r in range(count):
-                row, src = plane[i0 + r], acc[o, r * pitch:]
-                for j in range(width):
-                    row[j] = src[j]
+        for s in range(nb):
+            for o in range(og):
+                plane = out[b0 + s, g * og + o]
+                for r in range(count):
+                    row, src = plane[i0 + r], acc[o, (s * step + r) * pitch:]
+                    for j in range(width):
+                        row[j] = src[j]
 
 
-def _rows_per_job(rows: int, pitch: int) -> int:
-    """Blocks of about ``_SPAN`` values, rows shared out evenly among them."""
-    blocks = max(1, -(-rows * pitch // _SPAN))
-    return -(-rows // blocks)
+def _blocking(n: int, h: int, pitch: int, pad: int) -> tuple[int, int]:
+    """Rows and samples per job: blocks of about ``_SPAN`` values, rows shared out evenly
+    among the blocks of a plane, or whole small planes of several samples."""
+    if h * pitch >= _SPAN:
+        blocks = -(-h * pitch // _SPAN)
+        return -(-h // blocks), 1
+    return h, max(1, min(n, _SPAN // ((h + pad) * pitch)))
 
 
 def _runs_compiled(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int,
@@ -220,9 +228,9 @@ def grouped_conv2d(
     x, weight = x.contiguous(), weight.contiguous()
     out = x.new_empty(x.shape[0], weight.shape[0], x.shape[2], x.shape[3])
     if out.numel():
-        rows = _rows_per_job(x.shape[2], x.shape[3] + padding)
+        rows, samples = _blocking(x.shape[0], x.shape[2], x.shape[3] + padding, padding)
         with kernel_threads():
-            _forward_flat(as_array(x), as_array(weight), rows, as_array(out))
+            _forward_flat(as_array(x), as_array(weight), rows, samples, as_array(out))
     return out
 
 
