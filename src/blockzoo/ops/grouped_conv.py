@@ -13,11 +13,16 @@ The kernel runs on flat rows, as the involution kernel does (:mod:`blockzoo.ops.
 with the pitch ``P = W + p``, a copy of the input rows with ``p`` zeros before each row and ``p``
 zero rows above and below holds what output ``t = i * P + j`` reads at tap ``(u, v)`` at
 ``t + u * P + v``, so every tap is one constant offset and every loop runs over several rows at
-once (vectorised whatever the map width). A job (a sample, a group and a block of rows) copies one
-input channel at a time and adds its ``K * K`` taps into two output channels per pass (each
-shifted load feeds two multiply-adds, the weights are scalars): every job owns its outputs and
-every sum runs in a fixed order (input channels, then taps, row-major), so the results are
-deterministic. The backward pass is PyTorch's (``aten.convolution_backward``).
+once (vectorised whatever the map width). A job takes a group and a block of rows of one sample,
+or, for small maps, whole planes of several samples stacked with ``p`` zero rows between them
+(long loops on 14 x 14 maps too). It copies one input channel at a time into that layout (the
+zeros are written once per job) and adds the channel's taps into the output channels'
+accumulators, ``K = 3``: four output channels per kernel row in one pass (each shifted load
+feeds four multiply-adds, the twelve weights are scalars), then pairs and single channels over
+all nine taps; other ``K``: one tap at a time. Every job owns its outputs and every sum runs in
+the same fixed order (input channels, then taps row-major), whatever the blocking or the
+number of threads, so the results are deterministic. The backward pass is PyTorch's
+(``aten.convolution_backward``).
 """
 
 from __future__ import annotations
@@ -28,8 +33,9 @@ import torch.nn.functional as F
 
 from ._backend import as_array, kernel, kernel_threads, prange, use_fast_path
 
-# Values per flat loop (rows per job times the pitch): the accumulators of a job's output
-# channels and one packed input channel stay in the core's caches.
+# Values per flat loop (rows per job times the pitch): the accumulators of a job's four output
+# channels and one copied input channel stay in the core's first-level cache. Measured on
+# 8 x 192 x 56 x 56 -> 64, 1 thread: jobs of 28 rows ran faster than of 14 or 56 rows.
 _SPAN = 2048
 
 
@@ -204,7 +210,7 @@ def _runs_compiled(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: 
     k = weight.shape[-1]
     return (
         x.dim() == 4 and weight.dim() == 4 and stride == 1 and k % 2 == 1
-        and weight.shape[-2] == k and padding == k // 2 and groups > 0
+        and weight.shape[-2] == k and padding == k // 2 and groups > 0 and weight.shape[1] > 0
         and x.shape[1] == groups * weight.shape[1] and weight.shape[0] % groups == 0
         and use_fast_path(x, weight)
     )
@@ -229,7 +235,7 @@ def grouped_conv2d(
     out = x.new_empty(x.shape[0], weight.shape[0], x.shape[2], x.shape[3])
     if out.numel():
         rows, samples = _blocking(x.shape[0], x.shape[2], x.shape[3] + padding, padding)
-        with kernel_threads():
+        with kernel_threads(chunk=1):  # jobs handed out one at a time: a busy core holds up none
             _forward_flat(as_array(x), as_array(weight), rows, samples, as_array(out))
     return out
 
