@@ -619,8 +619,9 @@ def test_grouped_conv2d_kernel_matches_a_float64_conv(n, groups, cin, og, h, w, 
 
 @needs_numba
 def test_grouped_conv2d_kernel_is_deterministic_and_falls_back_elsewhere() -> None:
-    """Bitwise equal twice (1 and 2 threads); stride 2, other paddings, even kernels and
-    float16 run ``F.conv2d`` with its results; wrong shapes raise as ``F.conv2d`` does."""
+    """Bitwise equal twice (1 and 2 threads); NaN and infinities where ``F.conv2d`` has them;
+    stride 2, other paddings, even kernels and bfloat16 run ``F.conv2d`` with its results;
+    wrong shapes raise as ``F.conv2d`` does."""
     x, weight = torch.randn(2, 24, 17, 15), torch.randn(8, 12, 3, 3)
     threads = torch.get_num_threads()
     try:
@@ -632,6 +633,11 @@ def test_grouped_conv2d_kernel_is_deterministic_and_falls_back_elsewhere() -> No
         torch.set_num_threads(threads)
     assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
     conv = torch.nn.functional.conv2d
+    bad = x.clone()  # non-finite values on the borders reach only their neighbours
+    inf = float("inf")
+    bad[0, 3, 0, 14], bad[1, 13, 16, 0], bad[1, 20, 8, 7] = float("nan"), inf, -inf
+    torch.testing.assert_close(ops.grouped_conv2d(bad, weight, 1, 1, 2),
+                               conv(bad, weight, None, 1, 1, 1, 2), equal_nan=True, **TOL)
     for stride, padding, w in ((2, 1, weight), (1, 0, weight), (1, 2, weight),
                                (1, 1, torch.randn(8, 12, 4, 4)), (2, 1, torch.randn(8, 12, 1, 1))):
         out = ops.grouped_conv2d(x, w, stride, padding, 2)
