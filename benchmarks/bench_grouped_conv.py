@@ -5,11 +5,11 @@ shapes ACmix's fused path runs at the benchmark sizes (4 heads, kernel_conv 3: g
 planes and 4 output planes), forward, float32, 1 and 2 torch threads. Second table: the whole
 ``ACmix`` block forward (C -> C, eval, ``no_grad``) with its grouped convolution on the kernel
 (``blockzoo``) or on ``F.conv2d`` (``F.conv2d path``, what the block ran before), as ratios to
-``nn.Conv2d(C, C, 3) + BN + ReLU`` (``_versus_conv.conv_bn_relu``). Every sample repeats its step
-for about ``--sample-ms`` (steady state); the steps of a table run in interleaved rounds in one
-process, medians reported.
+``nn.Conv2d(C, C, 3) + BN + ReLU`` (``_versus_conv.conv_bn_relu``). Every sample repeats its
+step for about ``--sample-s`` seconds (steady state); the steps of a table run in interleaved
+rounds in one process, medians reported.
 
-    python benchmarks/bench_grouped_conv.py              # both tables (< 2 min)
+    python benchmarks/bench_grouped_conv.py              # both tables (about 1 min)
     python benchmarks/bench_grouped_conv.py --quick      # a seconds-long smoke run
 """
 
@@ -100,15 +100,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one round")
     parser.add_argument("--threads", type=str, default="1,2", help="torch thread counts")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--sample-ms", type=float, default=60.0,
-                        help="each sample repeats its step for about this long")
+    parser.add_argument("--sample-s", type=float, default=0.2,
+                        help="seconds of repeated calls per timed sample (steady state)")
     args = parser.parse_args()
     threads = tuple(int(t) for t in args.threads.split(","))
     shapes = QUICK_SHAPES if args.quick else SHAPES
     rounds = 1 if args.quick else args.rounds
-    sample_s = args.sample_ms / 1e3
+    sample_s = 0.0 if args.quick else args.sample_s
     print(f"torch {torch.__version__}, {cpu_model()}, fast ops: {ops.path_description()}")
-    print(f"forward, float32, median of {rounds} interleaved rounds\n")
+    print(f"forward, float32, median of {rounds} interleaved rounds, each sample >= "
+          f"{sample_s:g} s of repeated calls\n")
     op_table(shapes, threads, rounds, sample_s)
     block_table(shapes, threads, rounds, sample_s)
 
