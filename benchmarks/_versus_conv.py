@@ -7,6 +7,12 @@ kernels (``blockzoo``), the same block on its PyTorch reference form (``before``
 ran before the kernels existed, ``blockzoo.ops.fast_ops(False)``), the peer implementation (the
 authors' unfold form, or torchvision's op) and ``nn.Conv2d(C, C, 3) + BN + ReLU``. It prints time
 ratios to the conv (the targets are set on these) and peak memory (``peak_bytes``).
+
+Each sample repeats its step for at least ``--sample-s`` seconds (0.2 by default), so a figure is
+the steady-state time of the step. A sample of one call measured the page faults that the
+previous step left behind (the unfold peer allocates and frees about 0.6-1 GiB per call; the
+first call after it re-faults every page it touches): the conv, timed right after the peer, read
+up to 1.5 times its steady-state time, and the ratios moved by as much.
 ``compile_table`` times ``torch.compile`` (inductor) against eager for the blockzoo path;
 ``parser`` and ``run_tables`` give the three scripts one command line and one sequence.
 """
@@ -59,7 +65,9 @@ def parser(description: str, versus_unfold: bool = False) -> argparse.ArgumentPa
     result = argparse.ArgumentParser(description=description)
     result.add_argument("--quick", action="store_true", help="tiny sizes, one repeat")
     result.add_argument("--threads", type=str, default="1,2", help="torch thread counts")
-    result.add_argument("--rounds", type=int, default=3)
+    result.add_argument("--rounds", type=int, default=5)
+    result.add_argument("--sample-s", type=float, default=0.2,
+                        help="seconds of repeated calls per timed sample (steady state)")
     result.add_argument("--no-compile", action="store_true", help="skip the compile table")
     if versus_unfold:
         result.add_argument("--versus-unfold", action="store_true", help="the older table")
@@ -74,20 +82,23 @@ def run_tables(title: str, impls: Impls, args: argparse.Namespace) -> None:
     """Header, the conv table and (unless ``--no-compile``) the compile table of ``impls``'s
     ``"blockzoo"`` builder."""
     threads, rounds = thread_counts(args), 1 if args.quick else args.rounds
-    header(title, rounds)
-    conv_table(impls, threads, rounds, args.quick)
+    sample_s = 0.0 if args.quick else args.sample_s
+    header(title, rounds, sample_s)
+    conv_table(impls, threads, rounds, args.quick, sample_s)
     if not args.no_compile:
-        compile_table(impls["blockzoo"][0], threads[-1], rounds, args.quick)
+        compile_table(impls["blockzoo"][0], threads[-1], rounds, args.quick, sample_s)
 
 
-def header(title: str, rounds: int) -> None:
+def header(title: str, rounds: int, sample_s: float) -> None:
     print(f"## {title}\n")
     print(f"torch {torch.__version__}, {cpu_model()}, fast ops: {ops.path_description()}")
-    print(f"median of {rounds} interleaved rounds; ratios are time / time of conv3x3+BN+ReLU; "
-          "MiB = peak extra memory of one pass\n")
+    print(f"median of {rounds} interleaved rounds, each sample >= {sample_s:g} s of repeated "
+          "calls; ratios are time / time of conv3x3+BN+ReLU; MiB = peak extra memory of one "
+          "pass\n")
 
 
-def conv_table(impls: Impls, threads: tuple[int, ...], rounds: int, quick: bool) -> None:
+def conv_table(impls: Impls, threads: tuple[int, ...], rounds: int, quick: bool,
+               sample_s: float) -> None:
     """Print the ratio table (see the module docstring)."""
     names = [*impls, "conv"]
     print("| map | pass | threads | conv ms | "
@@ -107,7 +118,7 @@ def conv_table(impls: Impls, threads: tuple[int, ...], rounds: int, quick: bool)
             memory = {name: peak_bytes(step) / 2**20 for name, step in steps.items()}
             for count in threads:
                 torch.set_num_threads(count)
-                t = time_interleaved(steps, rounds)
+                t = time_interleaved(steps, rounds, sample_s)
                 ratios = " | ".join(f"{t[name] / t['conv']:.2f}" for name in names[:-1])
                 mem = " | ".join(f"{memory[name]:.0f}" for name in names)
                 print(f"| {n}x{c}x{size}x{size} | {'fwd+bwd' if train else 'fwd'} | {count} "
@@ -117,7 +128,7 @@ def conv_table(impls: Impls, threads: tuple[int, ...], rounds: int, quick: bool)
 
 
 def compile_table(build: Callable[[int], nn.Module], threads: int, rounds: int,
-                  quick: bool) -> None:
+                  quick: bool, sample_s: float) -> None:
     """``torch.compile(block)`` against eager, both on blockzoo's kernels, first map size."""
     n, c, size = (QUICK_SHAPES if quick else SHAPES)[0]
     torch.set_num_threads(threads)
@@ -132,7 +143,7 @@ def compile_table(build: Callable[[int], nn.Module], threads: int, rounds: int,
     for train in (False, True):
         steps = {"eager": make_step(block, x, True, train),
                  "compiled": make_step(compiled, x, True, train)}
-        t = time_interleaved(steps, rounds)
+        t = time_interleaved(steps, rounds, sample_s)
         print(f"| {'fwd+bwd' if train else 'fwd'} | {t['eager'] * 1e3:.1f} "
               f"| {t['compiled'] * 1e3:.1f} | {t['compiled'] / t['eager']:.2f} |")
     print()

@@ -580,6 +580,99 @@ def test_window_attention_opcheck() -> None:
     torch.library.opcheck(ops.grouped_conv2d, (x, weight.requires_grad_(), 2, 1, 2))
 
 
+GROUPED_CASES = [  # (N, groups, channels in, out per group, H, W, K)
+    (2, 16, 12, 4, 9, 8, 3),  # ACmix's default grouping: quads of output channels
+    (1, 3, 5, 6, 7, 11, 3),  # a quad and a pair per group, odd, non-square map
+    (2, 2, 4, 3, 10, 3, 3),  # a pair and a single; map narrower than the rows are long
+    (2, 4, 3, 1, 6, 5, 3),  # single output channels
+    (1, 1, 8, 8, 1, 1, 3),  # one pixel
+    (2, 2, 3, 2, 2, 3, 5),  # map smaller than the kernel
+    (1, 3, 2, 2, 13, 6, 7),
+    (3, 5, 2, 3, 4, 4, 1),
+    (0, 2, 3, 2, 5, 4, 3),  # empty batch
+    (1, 2, 3, 4, 40, 70, 3),  # several blocks of rows
+    (5, 2, 3, 4, 20, 20, 3),  # whole planes of several samples per job, and a remainder
+    (2, 1, 2, 2, 45, 50, 5),
+]
+
+
+@needs_numba
+@pytest.mark.parametrize(("n", "groups", "cin", "og", "h", "w", "k"), GROUPED_CASES)
+def test_grouped_conv2d_kernel_matches_a_float64_conv(n, groups, cin, og, h, w, k) -> None:
+    """The compiled forward (stride 1, padding (K - 1) / 2) against ``F.conv2d`` in float64:
+    1e-5 in float32, 1e-12 in float64, also on channels_last and non-contiguous inputs."""
+    x64 = torch.randn(n, groups * cin, h, w, dtype=torch.float64)
+    w64 = torch.randn(groups * og, cin, k, k, dtype=torch.float64)
+    expected = torch.nn.functional.conv2d(x64, w64, None, 1, k // 2, 1, groups)
+    for dtype, tol in ((torch.float64, {"rtol": 1e-12, "atol": 1e-12}), (torch.float32, TOL)):
+        x, weight = x64.to(dtype), w64.to(dtype)
+        variants = (x, x.to(memory_format=torch.channels_last),
+                    x.transpose(2, 3).contiguous().transpose(2, 3))
+        for xv in variants:
+            with torch.profiler.profile() as prof:
+                out = ops.grouped_conv2d(xv, weight, 1, k // 2, groups)
+            assert out.is_contiguous() and out.dtype == dtype
+            torch.testing.assert_close(out.double(), expected, **tol)
+        # the kernel ran, not F.conv2d
+        names = {event.name for event in prof.events()}
+        assert not any("convolution" in name for name in names), names
+
+
+@needs_numba
+def test_grouped_conv2d_kernel_is_deterministic_and_falls_back_elsewhere() -> None:
+    """Bitwise equal twice (1 and 2 threads); NaN and infinities where ``F.conv2d`` has them;
+    stride 2, other paddings, even kernels and bfloat16 run ``F.conv2d`` with its results;
+    wrong shapes raise as ``F.conv2d`` does."""
+    x, weight = torch.randn(2, 24, 17, 15), torch.randn(8, 12, 3, 3)
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for count in (1, 2, 1):
+            torch.set_num_threads(count)
+            runs.append(ops.grouped_conv2d(x, weight, 1, 1, 2))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+    conv = torch.nn.functional.conv2d
+    bad = x.clone()  # non-finite values on the borders reach only their neighbours
+    inf = float("inf")
+    bad[0, 3, 0, 14], bad[1, 13, 16, 0], bad[1, 20, 8, 7] = float("nan"), inf, -inf
+    torch.testing.assert_close(ops.grouped_conv2d(bad, weight, 1, 1, 2),
+                               conv(bad, weight, None, 1, 1, 1, 2), equal_nan=True, **TOL)
+    for stride, padding, w in ((2, 1, weight), (1, 0, weight), (1, 2, weight),
+                               (1, 1, torch.randn(8, 12, 4, 4)), (2, 1, torch.randn(8, 12, 1, 1))):
+        out = ops.grouped_conv2d(x, w, stride, padding, 2)
+        torch.testing.assert_close(out, conv(x, w, None, stride, padding, 1, 2), rtol=0, atol=0)
+        assert out.is_contiguous()
+    half = ops.grouped_conv2d(x.bfloat16(), weight.bfloat16(), 1, 1, 2)
+    torch.testing.assert_close(half, conv(x.bfloat16(), weight.bfloat16(), None, 1, 1, 1, 2))
+    with pytest.raises(RuntimeError):
+        ops.grouped_conv2d(x, torch.randn(8, 5, 3, 3), 1, 1, 2)
+
+
+@needs_numba
+def test_grouped_conv2d_gradcheck_opcheck_and_compile() -> None:
+    """float64 gradcheck through the compiled forward, ``opcheck`` at stride 1 (the kernel)
+    and 2 (``F.conv2d``), and one operator under ``torch.compile(fullgraph=True)``."""
+    x = torch.randn(2, 6, 5, 4, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: ops.grouped_conv2d(a, b, 1, 1, 2), (x, weight))
+    for stride in (1, 2):
+        torch.library.opcheck(ops.grouped_conv2d, (x.float(), weight.float(), stride, 1, 2))
+        torch.library.opcheck(ops.grouped_conv2d, (x, weight, stride, 1, 2))
+    torch._dynamo.reset()
+    seen: list[str] = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    fn = torch.compile(lambda a, b: ops.grouped_conv2d(a, b, 1, 1, 2), backend=backend,
+                       fullgraph=True)
+    torch.testing.assert_close(fn(x, weight), ops.grouped_conv2d(x, weight, 1, 1, 2))
+    assert seen == ["blockzoo.grouped_conv2d.default"], seen
+
+
 def _heads_reference(qkv: torch.Tensor, pe: torch.Tensor, size: int, dilation: int, stride: int,
                      scale: float) -> torch.Tensor:
     """``window_attention`` through the unfold reference: ``(B, heads, D, Ho, Wo)``."""

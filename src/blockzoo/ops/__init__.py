@@ -14,13 +14,9 @@ from ._backend import (
     path_description,
     use_fast_path,
 )
-from .acmix import (
-    grouped_conv2d,
-    window_attention,
-    window_attention_add_,
-    window_attention_backward,
-)
+from .acmix import window_attention, window_attention_add_, window_attention_backward
 from .deform import deform_conv2d, deform_conv2d_backward, deform_conv2d_op, finite_offset
+from .grouped_conv import grouped_conv2d
 from .involution import involution_aggregate, involution_aggregate_backward
 
 __all__ = [
