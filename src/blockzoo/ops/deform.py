@@ -154,7 +154,7 @@ def _backward_tile(pixels, h, w, offset, mask, has_mask, grid, spans, first, b0,
     real = pixels.dtype.type
     for j in prange(count):
         b = b0 + j
-        src = dst = b * stride * c
+        src = b * stride * c  # sample b in pixels and in grad_pixels (the same layout)
         for r in range(rows):
             l = l0 + r
             y, x = (l // grid[1]) * grid[2] - grid[4], (l % grid[1]) * grid[3] - grid[5]
@@ -168,7 +168,6 @@ def _backward_tile(pixels, h, w, offset, mask, has_mask, grid, spans, first, b0,
                 b00, b01, b10, b11 = my * mx, my * lx, ly * mx, ly * lx
                 a00, a01, a10, a11 = b00 * scale, b01 * scale, b10 * scale, b11 * scale
                 s00, s01, s10, s11 = _corner_starts(src, c, p00, p01, p10, p11, outside)
-                d00, d01, d10, d11 = _corner_starts(dst, c, p00, p01, p10, p11, outside)
                 acc_y = acc_x = acc_m = real(0)
                 for span in range(first[k], first[k + 1]):
                     lo, hi, at = spans[span, 0], spans[span, 1], np.uint64(spans[span, 2])
@@ -183,10 +182,10 @@ def _backward_tile(pixels, h, w, offset, mask, has_mask, grid, spans, first, b0,
                             acc_x += gc * (my * (v01 - v00) + ly * (v11 - v10))
                         for ch in range(np.uint64(lo), np.uint64(hi)):
                             gc = grow[at + ch]
-                            grad_flat[d00 + ch] += a00 * gc
-                            grad_flat[d01 + ch] += a01 * gc
-                            grad_flat[d10 + ch] += a10 * gc
-                            grad_flat[d11 + ch] += a11 * gc
+                            grad_flat[s00 + ch] += a00 * gc
+                            grad_flat[s01 + ch] += a01 * gc
+                            grad_flat[s10 + ch] += a10 * gc
+                            grad_flat[s11 + ch] += a11 * gc
                         continue
                     # a corner outside the image: its value is zero, nothing is scattered to it
                     in00, in01 = p00 < outside, p01 < outside
@@ -201,8 +200,8 @@ def _backward_tile(pixels, h, w, offset, mask, has_mask, grid, spans, first, b0,
                         acc_m += gc * (b00 * v00 + b01 * v01 + b10 * v10 + b11 * v11)
                         acc_y += gc * (mx * (v10 - v00) + lx * (v11 - v01))
                         acc_x += gc * (my * (v01 - v00) + ly * (v11 - v10))
-                    for p, d, a in ((p00, d00, a00), (p01, d01, a01), (p10, d10, a10),
-                                    (p11, d11, a11)):
+                    for p, d, a in ((p00, s00, a00), (p01, s01, a01), (p10, s10, a10),
+                                    (p11, s11, a11)):
                         if p < outside:
                             for ch in range(np.uint64(lo), np.uint64(hi)):
                                 grad_flat[d + ch] += a * grow[at + ch]
