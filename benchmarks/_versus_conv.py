@@ -60,15 +60,18 @@ def make_step(module: nn.Module, x: torch.Tensor, fast: bool, train: bool) -> St
     return step
 
 
-def parser(description: str, versus_unfold: bool = False) -> argparse.ArgumentParser:
-    """The benchmarks' shared options (``--versus-unfold`` where an older table exists)."""
+def parser(description: str, versus_unfold: bool = False,
+           compile_tables: bool = True) -> argparse.ArgumentParser:
+    """The benchmarks' shared options (``--versus-unfold`` where an older table exists,
+    ``--no-compile`` where there are compile tables)."""
     result = argparse.ArgumentParser(description=description)
     result.add_argument("--quick", action="store_true", help="tiny sizes, one repeat")
     result.add_argument("--threads", type=str, default="1,2", help="torch thread counts")
     result.add_argument("--rounds", type=int, default=5)
     result.add_argument("--sample-s", type=float, default=0.2,
                         help="seconds of repeated calls per timed sample (steady state)")
-    result.add_argument("--no-compile", action="store_true", help="skip the compile table")
+    if compile_tables:
+        result.add_argument("--no-compile", action="store_true", help="skip the compile table")
     if versus_unfold:
         result.add_argument("--versus-unfold", action="store_true", help="the older table")
     return result
@@ -78,11 +81,16 @@ def thread_counts(args: argparse.Namespace) -> tuple[int, ...]:
     return tuple(int(t) for t in args.threads.split(","))
 
 
+def sampling(args: argparse.Namespace) -> tuple[int, float]:
+    """Rounds and seconds per sample: ``--rounds`` and ``--sample-s``, or one one-call round
+    with ``--quick``."""
+    return (1, 0.0) if args.quick else (args.rounds, args.sample_s)
+
+
 def run_tables(title: str, impls: Impls, args: argparse.Namespace) -> None:
     """Header, the conv table and (unless ``--no-compile``) the compile table of ``impls``'s
     ``"blockzoo"`` builder."""
-    threads, rounds = thread_counts(args), 1 if args.quick else args.rounds
-    sample_s = 0.0 if args.quick else args.sample_s
+    threads, (rounds, sample_s) = thread_counts(args), sampling(args)
     header(title, rounds, sample_s)
     conv_table(impls, threads, rounds, args.quick, sample_s)
     if not args.no_compile:

@@ -15,14 +15,13 @@ rounds in one process, medians reported.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from _common import Step, cpu_model, time_interleaved
-from _versus_conv import conv_bn_relu
+from _versus_conv import conv_bn_relu, parser, sampling, thread_counts
 
 import blockzoo as bz
 from blockzoo import ops
@@ -96,17 +95,9 @@ def block_table(shapes, threads: tuple[int, ...], rounds: int, sample_s: float) 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, one round")
-    parser.add_argument("--threads", type=str, default="1,2", help="torch thread counts")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--sample-s", type=float, default=0.2,
-                        help="seconds of repeated calls per timed sample (steady state)")
-    args = parser.parse_args()
-    threads = tuple(int(t) for t in args.threads.split(","))
+    args = parser(__doc__.split("\n")[0], compile_tables=False).parse_args()
+    threads, (rounds, sample_s) = thread_counts(args), sampling(args)
     shapes = QUICK_SHAPES if args.quick else SHAPES
-    rounds = 1 if args.quick else args.rounds
-    sample_s = 0.0 if args.quick else args.sample_s
     print(f"torch {torch.__version__}, {cpu_model()}, fast ops: {ops.path_description()}")
     print(f"forward, float32, median of {rounds} interleaved rounds, each sample >= "
           f"{sample_s:g} s of repeated calls\n")
